@@ -1,0 +1,472 @@
+"""Typed run configuration: dataclasses, YAML loading, `key=value` overrides, validation.
+
+A config is plain data. It is loaded once (``load_config``), validated once, and then
+flows down: mesh and rules, model, trainer. Every mistake a user can make in a file or an
+override is reported as a one-line ``ConfigError`` naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import yaml
+
+DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXES = ("data", "fsdp", "stage", "tensor")
+
+
+class ConfigError(ValueError):
+  """A user-facing configuration mistake; the CLI prints it as one line and exits 2."""
+
+
+# The default rules table: (logical axis name, mesh axes). Order matters: for each array
+# dimension the first rule whose mesh axes are still free in that array wins, so a name may
+# be listed twice with a fallback (T5X / MaxText semantics). `None` means replicated.
+#
+# Parameters: 'embed' is sharded over fsdp (ZeRO-3: every weight matrix has an embed
+# dimension, so parameters and optimiser state are split fsdp ways); heads, kv_heads and mlp
+# over tensor (Megatron column-then-row parallel); vocab over tensor for the embedding and
+# output head. Activations: batch over (data, fsdp); activation 'act_embed' stays replicated
+# so that each tensor-parallel block half ends in a single all-reduce.
+DEFAULT_RULES: list[list[Any]] = [
+    ["batch", ["data", "fsdp"]],
+    ["length", None],
+    ["act_embed", None],
+    ["act_heads", "tensor"],
+    ["act_kv_heads", "tensor"],
+    ["act_mlp", "tensor"],
+    ["act_vocab", "tensor"],
+    ["vocab", "tensor"],
+    ["embed", "fsdp"],
+    ["embed", None],
+    ["heads", "tensor"],
+    ["kv_heads", "tensor"],
+    ["head_dim", None],
+    ["mlp", "tensor"],
+    ["norm", None],
+    ["layers", None],
+]
+
+
+@dataclass
+class ModelConfig:
+  num_layers: int = 2
+  """Number of decoder blocks."""
+  d_model: int = 64
+  """Width of the residual stream."""
+  num_heads: int = 4
+  """Query heads per attention layer."""
+  num_kv_heads: int | None = None
+  """Key/value heads (grouped-query attention); must divide num_heads. Null means num_heads."""
+  head_dim: int | None = None
+  """Width of one head. Null means d_model // num_heads."""
+  d_ff: int = 256
+  """Hidden width of the SwiGLU MLP."""
+  vocab_size: int = 256
+  """Embedding rows; at least the tokenizer's vocabulary, padded up for sharding if needed."""
+  seq_len: int = 128
+  """Training sequence length in tokens."""
+  max_seq_len: int | None = None
+  """Longest sequence the model accepts (rotary table size). Null means seq_len."""
+  rope_theta: float = 10000.0
+  """Rotary position embedding base."""
+  norm_eps: float = 1e-5
+  """RMSNorm epsilon."""
+  tie_embeddings: bool = False
+  """Reuse the token embedding as the output head."""
+  init_std: float = 0.02
+  """Standard deviation of the normal initialiser for embeddings and projections."""
+  scan_layers: bool = True
+  """Run the stacked decoder layers with a scan (compile time independent of depth)."""
+  remat: str = "none"
+  """Rematerialisation of each decoder block: none | full | dots_saveable."""
+  attention: str = "auto"
+  """jax.nn.dot_product_attention implementation: auto | xla | cudnn."""
+
+
+@dataclass
+class MeshConfig:
+  data: int = -1
+  """Data-parallel axis size. -1 (at most one axis) takes the remaining devices."""
+  fsdp: int = 1
+  """Fully-sharded data-parallel axis size (parameters and optimiser state split)."""
+  stage: int = 1
+  """Pipeline stages (1 until pipeline parallelism lands)."""
+  tensor: int = 1
+  """Tensor-parallel axis size (heads and MLP split)."""
+
+
+@dataclass
+class PrecisionConfig:
+  params: str = "float32"
+  """Storage dtype of parameters and optimiser state."""
+  compute: str = "bfloat16"
+  """Dtype of activations and matrix multiplies; softmax and the loss stay float32."""
+
+
+@dataclass
+class TrainConfig:
+  steps: int = 100
+  """Optimizer steps to run."""
+  batch_size: int = 8
+  """Global batch size in sequences per optimizer step (all micro-batches together)."""
+  grad_accum: int = 1
+  """Micro-batches accumulated inside one compiled step; must divide batch_size."""
+  lr: float = 3e-4
+  """Peak learning rate."""
+  warmup_steps: int = 10
+  """Linear warm-up steps, then cosine decay to lr * min_lr_ratio at the last step."""
+  min_lr_ratio: float = 0.1
+  """Final learning rate as a fraction of lr."""
+  weight_decay: float = 0.1
+  """AdamW decoupled weight decay; never applied to norm scales."""
+  decay_embeddings: bool = False
+  """Whether weight decay also applies to the token embedding."""
+  b1: float = 0.9
+  """AdamW beta1."""
+  b2: float = 0.95
+  """AdamW beta2."""
+  eps: float = 1e-8
+  """AdamW epsilon."""
+  grad_clip: float = 1.0
+  """Global gradient-norm clipping threshold; 0 disables it."""
+  z_loss: float = 0.0
+  """Weight of the z-loss (log-partition squared) added to the cross-entropy."""
+  log_every: int = 10
+  """Steps between metric lines."""
+
+
+@dataclass
+class DataConfig:
+  source: str = "stdlib"
+  """stdlib (the Python standard library's .py files) | synthetic (random tokens) | a path to
+  a text file, a .jsonl file or a directory of such files."""
+  tokenizer: str = "byte"
+  """byte (256 byte-level tokens) | a path to a `tokenizers` tokenizer.json."""
+  text_field: str = "text"
+  """Field holding the text in JSONL records."""
+  val_fraction: float = 0.02
+  """Fraction of the token stream held out for validation."""
+  cache_dir: str | None = None
+  """Where tokenized corpora are cached (memory-mapped). Null: $PAXLITE_CACHE or ~/.cache/paxlite."""
+  max_files: int | None = None
+  """Read at most this many files of a directory source (sorted order). Null: all."""
+
+
+@dataclass
+class EvalConfig:
+  every: int = 100
+  """Steps between validation-loss evaluations (0 disables)."""
+  batches: int = 4
+  """Validation batches (of train.batch_size sequences) per evaluation."""
+
+
+@dataclass
+class CheckpointConfig:
+  every: int = 100
+  """Steps between checkpoints (0 disables; the last step is always saved)."""
+  keep: int = 3
+  """Most recent checkpoints kept."""
+  async_save: bool = True
+  """Write checkpoints in the background while training continues."""
+
+
+@dataclass
+class RunConfig:
+  dir: str = "runs/default"
+  """Run directory: config.yaml, metrics.jsonl, TensorBoard events, checkpoints/."""
+  seed: int = 0
+  """Seed for parameter init and data order."""
+  peak_flops: float | None = None
+  """Peak dense bf16 FLOP/s of one device for MFU. Null: known GPUs are detected (H100/H200:
+  989e12); unknown devices and CPUs report no MFU."""
+  tensorboard: bool = True
+  """Write TensorBoard event files."""
+  progress: str = "auto"
+  """Progress display: auto (a bar on a terminal, plain lines otherwise) | bar | lines."""
+
+
+@dataclass
+class Config:
+  model: ModelConfig = field(default_factory=ModelConfig)
+  mesh: MeshConfig = field(default_factory=MeshConfig)
+  rules: list[list[Any]] = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
+  precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+  train: TrainConfig = field(default_factory=TrainConfig)
+  data: DataConfig = field(default_factory=DataConfig)
+  eval: EvalConfig = field(default_factory=EvalConfig)
+  checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+  run: RunConfig = field(default_factory=RunConfig)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_yaml(self) -> str:
+    return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and overrides
+# ---------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+  if tp is type(None):
+    return "null"
+  origin = typing.get_origin(tp)
+  if origin in (Union, types.UnionType):
+    return " or ".join(_type_name(a) for a in typing.get_args(tp))
+  if origin is list:
+    return "a list"
+  return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+  """Checks `value` against the annotated type `tp`; returns it (ints widened to floats)."""
+  origin = typing.get_origin(tp)
+  if origin in (Union, types.UnionType):
+    for arg in typing.get_args(tp):
+      try:
+        return _coerce(key, value, arg)
+      except ConfigError:
+        pass
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+  if tp is type(None):
+    if value is None:
+      return None
+  elif tp is bool:
+    if isinstance(value, bool):
+      return value
+  elif tp is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+  elif tp is float:
+    # PyYAML reads `1e-3` (no dot) as a string: accept any string float() takes.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if isinstance(value, str):
+      try:
+        number = float(value)
+      except ValueError:
+        pass
+      else:
+        if math.isfinite(number):
+          return number
+  elif tp is str:
+    if isinstance(value, str):
+      return value
+  elif origin is list:
+    if isinstance(value, list):
+      return value
+  raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+  if not isinstance(data, dict):
+    raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  kwargs = {}
+  for key, value in data.items():
+    dotted = f"{prefix}.{key}" if prefix else str(key)
+    if key not in names:
+      raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(sorted(names))})")
+    tp = hints[key]
+    if dataclasses.is_dataclass(tp):
+      kwargs[key] = _build(tp, value, dotted)
+    else:
+      kwargs[key] = _coerce(dotted, value, tp)
+  return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+  """Builds a Config from nested plain data (as read from YAML), checking keys and types."""
+  return _build(Config, data or {}, "")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+  """Splits `a.b.c=value`; the value is a YAML scalar or list, parsed safely (never eval'd)."""
+  key, sep, raw = item.partition("=")
+  key = key.strip()
+  if not sep or not key:
+    raise ConfigError(f"override '{item}': expected key=value, e.g. train.steps=100")
+  parts = key.split(".")
+  if any(not p.isidentifier() for p in parts):
+    raise ConfigError(f"override '{item}': '{key}' is not a dotted config key")
+  try:
+    value = yaml.safe_load(raw) if raw.strip() else ""
+  except yaml.YAMLError as e:
+    raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML ({_first_line(e)})") from None
+  if isinstance(value, dict):
+    raise ConfigError(f"override '{key}': expected a scalar or a list, got a mapping")
+  return parts, value
+
+
+def _first_line(e: BaseException) -> str:
+  return " ".join(str(e).split())
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+  """Returns a copy of `data` with dotted overrides set; `overrides` is a dict or key=value list."""
+  import copy
+
+  data = copy.deepcopy(data or {})
+  items: list[tuple[list[str], Any]]
+  if isinstance(overrides, dict):
+    items = [(str(k).split("."), v) for k, v in overrides.items()]
+  else:
+    items = [parse_override(o) for o in overrides]
+  for parts, value in items:
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+      child = node.get(part)
+      if child is None:
+        child = node[part] = {}
+      if not isinstance(child, dict):
+        raise ConfigError(f"override '{'.'.join(parts)}': '{'.'.join(parts[:depth + 1])}' is not a section")
+      node = child
+    node[parts[-1]] = value
+  return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+  """Reads a YAML mapping with the safe loader (no Python object tags)."""
+  path = os.fspath(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = yaml.safe_load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"config file '{path}' not found") from None
+  except IsADirectoryError:
+    raise ConfigError(f"config file '{path}' is a directory, expected a YAML file") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f"config file '{path}' cannot be read: {_first_line(e)}") from None
+  except yaml.YAMLError as e:
+    raise ConfigError(f"config file '{path}' is not valid YAML: {_first_line(e)}") from None
+  if data is None:
+    return {}
+  if not isinstance(data, dict):
+    raise ConfigError(f"config file '{path}': expected a mapping of sections, got {type(data).__name__}")
+  return data
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+) -> Config:
+  """Loads a YAML config (or the defaults when `path` is None), applies overrides, validates.
+
+  >>> cfg = load_config("configs/tiny.yaml", overrides={"mesh.data": 2, "train.steps": 10})
+  """
+  data = read_yaml(path) if path is not None else {}
+  data = apply_overrides(data, overrides or {})
+  cfg = config_from_dict(data)
+  validate(cfg)
+  return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Validation: everything that can be checked without devices.
+# ---------------------------------------------------------------------------------------
+
+
+def _positive(key: str, value: int | float | None, allow_zero: bool = False) -> None:
+  if value is None:
+    return
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(f"{key}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ConfigError(f"{key}: expected one of {' | '.join(choices)}, got {value!r}")
+
+
+def validate_rules(rules: Any) -> None:
+  if not isinstance(rules, list):
+    raise ConfigError(f"rules: expected a list of [logical_name, mesh_axis | [mesh_axes] | null], got {rules!r}")
+  for i, rule in enumerate(rules):
+    if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ConfigError(f"rules[{i}]: expected [logical_name, mesh_axis | [mesh_axes] | null], got {rule!r}")
+    axes = rule[1]
+    axes = [] if axes is None else ([axes] if isinstance(axes, str) else axes)
+    if not isinstance(axes, (list, tuple)):
+      raise ConfigError(f"rules[{i}] ({rule[0]}): expected a mesh axis, a list of them or null, got {rule[1]!r}")
+    for axis in axes:
+      if axis not in MESH_AXES:
+        raise ConfigError(f"rules[{i}] ({rule[0]}): unknown mesh axis {axis!r}, expected one of {', '.join(MESH_AXES)}")
+    if len(set(axes)) != len(axes):
+      raise ConfigError(f"rules[{i}] ({rule[0]}): mesh axis repeated in {rule[1]!r}")
+
+
+def validate(cfg: Config) -> None:
+  """Checks values that need no devices; raises ConfigError naming the first bad key."""
+  m = cfg.model
+  for name in ("num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "seq_len"):
+    _positive(f"model.{name}", getattr(m, name))
+  for name in ("num_kv_heads", "head_dim", "max_seq_len"):
+    _positive(f"model.{name}", getattr(m, name))
+  _positive("model.rope_theta", m.rope_theta)
+  _positive("model.norm_eps", m.norm_eps)
+  _positive("model.init_std", m.init_std)
+  if m.head_dim is None and m.d_model % m.num_heads:
+    raise ConfigError(
+        f"model.num_heads: {m.num_heads} does not divide model.d_model={m.d_model}; set model.head_dim explicitly"
+    )
+  kv = m.num_kv_heads or m.num_heads
+  if m.num_heads % kv:
+    raise ConfigError(f"model.num_kv_heads: {kv} must divide model.num_heads={m.num_heads}")
+  if m.max_seq_len is not None and m.seq_len > m.max_seq_len:
+    raise ConfigError(f"model.seq_len: {m.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+  _choice("model.remat", m.remat, ("none", "full", "dots_saveable"))
+  _choice("model.attention", m.attention, ("auto", "xla", "cudnn"))
+
+  for axis in MESH_AXES:
+    size = getattr(cfg.mesh, axis)
+    if size == 0 or size < -1:
+      raise ConfigError(f"mesh.{axis}: expected a positive size or -1 (remaining devices), got {size}")
+  if sum(getattr(cfg.mesh, a) == -1 for a in MESH_AXES) > 1:
+    raise ConfigError("mesh: at most one of mesh.data|fsdp|stage|tensor may be -1")
+  if cfg.mesh.stage != 1:
+    raise ConfigError(f"mesh.stage: pipeline parallelism is not available yet, expected 1, got {cfg.mesh.stage}")
+  validate_rules(cfg.rules)
+
+  _choice("precision.params", cfg.precision.params, DTYPES)
+  _choice("precision.compute", cfg.precision.compute, DTYPES)
+
+  t = cfg.train
+  for name in ("steps", "batch_size", "grad_accum", "log_every"):
+    _positive(f"train.{name}", getattr(t, name))
+  _positive("train.lr", t.lr)
+  for name in ("warmup_steps", "weight_decay", "grad_clip", "z_loss", "eps"):
+    _positive(f"train.{name}", getattr(t, name), allow_zero=True)
+  if not 0.0 <= t.min_lr_ratio <= 1.0:
+    raise ConfigError(f"train.min_lr_ratio: expected a number in [0, 1], got {t.min_lr_ratio}")
+  for name in ("b1", "b2"):
+    if not 0.0 <= getattr(t, name) < 1.0:
+      raise ConfigError(f"train.{name}: expected a number in [0, 1), got {getattr(t, name)}")
+  if t.batch_size % t.grad_accum:
+    raise ConfigError(f"train.grad_accum: {t.grad_accum} must divide train.batch_size={t.batch_size}")
+
+  if not cfg.data.source:
+    raise ConfigError("data.source: expected stdlib, synthetic or a path, got an empty string")
+  if not cfg.data.tokenizer:
+    raise ConfigError("data.tokenizer: expected byte or a path to a tokenizer.json, got an empty string")
+  if not 0.0 < cfg.data.val_fraction < 1.0:
+    raise ConfigError(f"data.val_fraction: expected a number in (0, 1), got {cfg.data.val_fraction}")
+  _positive("data.max_files", cfg.data.max_files)
+
+  _positive("eval.every", cfg.eval.every, allow_zero=True)
+  _positive("eval.batches", cfg.eval.batches)
+  _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+  _positive("checkpoint.keep", cfg.checkpoint.keep)
+  if not cfg.run.dir:
+    raise ConfigError("run.dir: expected a directory path, got an empty string")
+  _positive("run.peak_flops", cfg.run.peak_flops)
+  _choice("run.progress", cfg.run.progress, ("auto", "bar", "lines"))
