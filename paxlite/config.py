@@ -69,11 +69,11 @@ class ModelConfig:
   d_ff: int = 256
   """Hidden width of the SwiGLU MLP."""
   vocab_size: int = 256
-  """Embedding rows; at least the tokenizer's vocabulary, padded up for sharding if needed."""
+  """Embedding rows: at least the tokenizer's vocabulary; divisible by the mesh axes `vocab` maps to."""
   seq_len: int = 128
   """Training sequence length in tokens."""
   max_seq_len: int | None = None
-  """Longest sequence the model accepts (rotary table size). Null means seq_len."""
+  """Longest sequence the model accepts (training and sampling). Null means seq_len."""
   rope_theta: float = 10000.0
   """Rotary position embedding base."""
   norm_eps: float = 1e-5
@@ -470,3 +470,32 @@ def validate(cfg: Config) -> None:
     raise ConfigError("run.dir: expected a directory path, got an empty string")
   _positive("run.peak_flops", cfg.run.peak_flops)
   _choice("run.progress", cfg.run.progress, ("auto", "bar", "lines"))
+
+
+# ---------------------------------------------------------------------------------------
+# Documentation of every key, read from the docstrings under the dataclass fields.
+# ---------------------------------------------------------------------------------------
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+  """(dotted key, default, description) for every config key, in declaration order."""
+  import ast
+  import inspect
+
+  rows = []
+  for section in dataclasses.fields(Config):
+    cls = typing.get_type_hints(Config)[section.name]
+    if not dataclasses.is_dataclass(cls):
+      rows.append((section.name, "see below", "ordered partition rules: [[logical_name, mesh_axes], ...]"))
+      continue
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+      if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+        docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+      value = getattr(defaults, f.name)
+      rows.append((f"{section.name}.{f.name}", "null" if value is None else str(value), docs.get(f.name, "")))
+  return rows

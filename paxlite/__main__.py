@@ -1,0 +1,5 @@
+import sys
+
+from paxlite.cli import main
+
+sys.exit(main())

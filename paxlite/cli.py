@@ -1,0 +1,82 @@
+"""The `paxlite` command: `paxlite train CONFIG [key=value ...]`.
+
+Every user mistake (a bad key, type, size, path or mesh) ends as one line on stderr naming
+the key or file, and exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from paxlite.config import ConfigError, load_config
+
+
+class _Parser(argparse.ArgumentParser):
+
+  def error(self, message: str) -> None:  # argparse's own usage errors: exit 2, one line
+    self.print_usage(sys.stderr)
+    print(f"paxlite: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="paxlite", description="Train language models on JAX with logical-axis sharding.")
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  train = sub.add_parser("train", help="train (or resume) the run a YAML config describes")
+  train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+  train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100 mesh.data=2")
+  keys = sub.add_parser("keys", help="list every config key with its default and meaning")
+  keys.add_argument("--markdown", action="store_true", help="print a Markdown table")
+  return parser
+
+
+def _keys(args: argparse.Namespace) -> int:
+  from paxlite.config import describe_keys
+
+  rows = describe_keys()
+  if args.markdown:
+    print("| key | default | meaning |\n| --- | --- | --- |")
+    for key, default, doc in rows:
+      escaped = doc.replace("|", "\\|")
+      print(f"| `{key}` | `{default}` | {escaped} |")
+  else:
+    width = max(len(k) for k, _, _ in rows)
+    for key, default, doc in rows:
+      print(f"{key:<{width}}  {default:<14}  {doc}")
+  return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+  cfg = load_config(args.config, args.overrides)
+  from paxlite.trainer import Trainer  # imports jax: after the config is known to be good
+
+  trainer = Trainer(cfg)
+  history = trainer.train()
+  if history:
+    last = history[-1]
+    summary = f"paxlite: done, step {last['step']}, loss {last['loss']:.4f}"
+    if "eval_loss" in last:
+      summary += f", eval_loss {last['eval_loss']:.4f}"
+    print(f"{summary}; run directory {cfg.run.dir}", file=sys.stderr)
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    if args.command == "train":
+      return _train(args)
+    if args.command == "keys":
+      return _keys(args)
+  except ConfigError as e:
+    print(f"paxlite: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("paxlite: interrupted", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,167 @@
+"""FLOPs per token, MFU, and where metrics go: metrics.jsonl, TensorBoard, the terminal."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+from paxlite.config import ModelConfig
+
+# Peak dense bf16 FLOP/s per device, from the vendors' datasheets (without sparsity).
+_PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v4", 275e12),
+)
+
+
+def peak_flops_for(device_kind: str) -> float | None:
+  """Peak dense bf16 FLOP/s for a known accelerator kind, None for CPUs and unknown kinds."""
+  for name, flops in _PEAK_FLOPS:
+    if name.lower() in device_kind.lower():
+      return flops
+  return None
+
+
+def count_params(model_cfg: ModelConfig) -> dict[str, int]:
+  """Parameter counts of paxlite's Transformer: total, embedding table, non-embedding.
+
+  'non_embedding' includes the output head (tied or not), as in the MFU formula.
+  """
+  m = model_cfg
+  d, n = m.d_model, m.num_heads
+  k = m.num_kv_heads or n
+  h = m.head_dim or d // n
+  per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * m.d_ff + 2 * d
+  embedding = m.vocab_size * d
+  head = m.vocab_size * d
+  total = m.num_layers * per_layer + d + embedding + (0 if m.tie_embeddings else head)
+  return {"total": total, "embedding": embedding, "non_embedding": m.num_layers * per_layer + d + head}
+
+
+def flops_per_token(model_cfg: ModelConfig, non_embedding_params: int | None = None) -> float:
+  """Model FLOPs per trained token: 6 N + 12 L d T (forward and backward, attention included).
+
+  N is the non-embedding parameter count with the output head; the second term is the
+  attention score and value products (PaLM appendix B).
+  """
+  n = count_params(model_cfg)["non_embedding"] if non_embedding_params is None else non_embedding_params
+  return 6.0 * n + 12.0 * model_cfg.num_layers * model_cfg.d_model * model_cfg.seq_len
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
+
+  Only the writing process (process 0) should create one.
+  """
+
+  def __init__(self, run_dir: str, tensorboard: bool = True):
+    os.makedirs(run_dir, exist_ok=True)
+    self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(logdir=os.path.join(run_dir, "tensorboard"))
+
+  def write(self, step: int, values: Mapping[str, Any]) -> None:
+    record = {"step": int(step)}
+    record.update({k: _plain(v) for k, v in values.items()})
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)) and value is not None and math.isfinite(value):
+          self._tb.add_scalar(key, value, global_step=int(step))
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _plain(value: Any) -> Any:
+  if hasattr(value, "item"):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None if math.isnan(value) else value
+  return value
+
+
+class Progress:
+  """A tqdm bar on a terminal, plain lines otherwise (logs of batch jobs stay readable)."""
+
+  def __init__(self, total: int, initial: int = 0, mode: str = "auto", enabled: bool = True):
+    self.enabled = enabled
+    use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+    self._bar = None
+    if enabled and use_bar:
+      from tqdm import tqdm
+
+      self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+  def update(self, n: int = 1) -> None:
+    if self._bar is not None:
+      self._bar.update(n)
+
+  def log(self, step: int, values: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    line = format_metrics(step, values)
+    if self._bar is not None:
+      self._bar.set_postfix_str(_short(values), refresh=False)
+      self._bar.write(line, file=sys.stderr)
+    else:
+      print(line, file=sys.stderr, flush=True)
+
+  def message(self, text: str) -> None:
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text, file=sys.stderr)
+    else:
+      print(text, file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+_SHOWN = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s")
+
+
+def _fmt(value: Any) -> str:
+  if isinstance(value, float):
+    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+  return str(value)
+
+
+def format_metrics(step: int, values: Mapping[str, Any]) -> str:
+  parts = [f"step {step}"] + [f"{k} {_fmt(values[k])}" for k in _SHOWN if values.get(k) is not None]
+  return " | ".join(parts)
+
+
+def _short(values: Mapping[str, Any]) -> str:
+  return ", ".join(f"{k}={_fmt(values[k])}" for k in ("loss", "tokens_per_s") if values.get(k) is not None)
+
+
+class Timer:
+  """Wall time between marks, for step time over a logging interval."""
+
+  def __init__(self):
+    self._last = time.perf_counter()
+
+  def lap(self) -> float:
+    now = time.perf_counter()
+    elapsed, self._last = now - self._last, now
+    return elapsed

@@ -1,0 +1,90 @@
+"""Building blocks with logical axis names: parameters, dense projections, embeddings, RMSNorm.
+
+Every parameter is created through `param`, which records its logical names as NNX
+`out_sharding` metadata; the rules table (paxlite.partitioning) turns those names into
+shardings. Layers keep parameters in `param_dtype` and compute in `compute_dtype`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from paxlite.partitioning import constrain
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str], dtype) -> nnx.Param:
+  """A parameter whose dimensions carry the logical names `names`."""
+  if len(names) != len(shape):
+    raise ValueError(f"logical names {tuple(names)} do not match shape {tuple(shape)}")
+  return nnx.Param(nnx.with_partitioning(init, tuple(names))(rngs.params(), tuple(shape), dtype))
+
+
+def scaled_normal(std: float, fan_in: int | None = None) -> Initializer:
+  """Normal(0, std), or Normal(0, 1/sqrt(fan_in)) when fan_in is given (for multi-axis inputs)."""
+  scale = std if fan_in is None else fan_in ** -0.5
+  return nnx.initializers.normal(stddev=scale)
+
+
+class Einsum(nnx.Module):
+  """A weight applied with one einsum, e.g. 'btd,dnh->btnh' for a query projection.
+
+  The contraction runs in compute dtype with float32 accumulation on GPU/TPU matrix units.
+  """
+
+  def __init__(self, equation: str, shape: Sequence[int], names: Sequence[str], *, init: Initializer,
+               param_dtype, compute_dtype, rngs: nnx.Rngs):
+    self.equation = equation
+    self.compute_dtype = compute_dtype
+    self.kernel = param(rngs, init, shape, names, param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum(self.equation, x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+
+
+class Embed(nnx.Module):
+  """Token embedding table [vocab, embed]; `attend` reuses it as a tied output head."""
+
+  def __init__(self, vocab_size: int, d_model: int, *, std: float, param_dtype, compute_dtype, rngs: nnx.Rngs):
+    self.compute_dtype = compute_dtype
+    self.embedding = param(rngs, scaled_normal(std), (vocab_size, d_model), ("vocab", "embed"), param_dtype)
+
+  def __call__(self, tokens_bt: jax.Array) -> jax.Array:
+    # Gather the fsdp shards of the table first (ZeRO-3 all-gather before use): XLA's SPMD
+    # partitioner cannot turn an fsdp-sharded gather into a batch-sharded output efficiently.
+    table_vd = constrain(self.embedding[...], ("vocab", None))
+    return jnp.take(table_vd, tokens_bt, axis=0).astype(self.compute_dtype)
+
+  def attend(self, x_btd: jax.Array) -> jax.Array:
+    return jnp.einsum("btd,vd->btv", x_btd, self.embedding[...].astype(self.compute_dtype))
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm computed in float32, learned scale initialised to 1."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype, compute_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.compute_dtype = compute_dtype
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.compute_dtype)
+
+
+def rotary(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding, half-split layout (pairs (i, i + h/2)), as in Llama/HF."""
+  head_dim = x_btnh.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # [b, t, h/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_btnh.dtype)

@@ -1,0 +1,116 @@
+"""A Llama-style decoder-only transformer in Flax NNX.
+
+token embedding -> N x [RMSNorm -> GQA attention (RoPE) -> residual, RMSNorm -> SwiGLU ->
+residual] -> RMSNorm -> output head. No biases. The N decoder blocks are stored stacked (one
+array per weight with a leading 'layers' axis) and run with `jax.lax.scan`, so compile time
+does not grow with depth; `scan_layers: false` unrolls the same stacked arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from paxlite.config import ModelConfig
+from paxlite.models.attention import Attention
+from paxlite.models.layers import Einsum, Embed, RMSNorm, scaled_normal
+from paxlite.numerics import DtypePolicy
+from paxlite.partitioning import constrain
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)); gate/up column-parallel, down row-parallel."""
+
+  def __init__(self, cfg: ModelConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+    common = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+    init_in = scaled_normal(cfg.init_std)
+    init_out = scaled_normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+    self.gate = Einsum("btd,df->btf", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), init=init_in, **common)
+    self.up = Einsum("btd,df->btf", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), init=init_in, **common)
+    self.down = Einsum("btf,fd->btd", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), init=init_out, **common)
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    h_btf = jax.nn.silu(self.gate(x_btd)) * self.up(x_btd)
+    return self.down(constrain(h_btf, ("batch", "length", "act_mlp")))
+
+
+class DecoderBlock(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+    common = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, **common)
+    self.attn = Attention(cfg, **common)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, **common)
+    self.mlp = MLP(cfg, **common)
+
+  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
+    x_btd = constrain(x_btd + self.attn(self.attn_norm(x_btd), positions_bt), ("batch", "length", "act_embed"))
+    return constrain(x_btd + self.mlp(self.mlp_norm(x_btd)), ("batch", "length", "act_embed"))
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
+  """Creates `count` modules as one module whose arrays have a leading 'layers' axis.
+
+  The logical name is prepended by hand rather than through NNX's transform metadata, whose
+  API has moved between Flax releases.
+  """
+
+  @nnx.split_rngs(splits=count)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(r: nnx.Rngs) -> nnx.Module:
+    return make(r)
+
+  module = create(rngs)
+  for _, var in nnx.iter_graph(module):
+    if isinstance(var, nnx.Variable):
+      names = var.get_metadata().get("out_sharding")
+      if names:
+        var.set_metadata(out_sharding=("layers",) + tuple(names))
+  return module
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM: tokens [batch, length] int32 -> logits [batch, length, vocab] float32."""
+
+  def __init__(self, cfg: ModelConfig, policy: DtypePolicy, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    common = dict(param_dtype=policy.param_dtype, compute_dtype=policy.compute_dtype)
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs, **common)
+    self.blocks = stacked(lambda r: DecoderBlock(cfg, rngs=r, **common), cfg.num_layers, rngs)
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, **common)
+    if not cfg.tie_embeddings:
+      self.head = Einsum("btd,dv->btv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                         init=scaled_normal(cfg.init_std), rngs=rngs, **common)
+
+  def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
+    x_btd = constrain(self.embed(tokens_bt), ("batch", "length", "act_embed"))
+    x_btd = self._run_blocks(x_btd, positions_bt)
+    x_btd = self.final_norm(x_btd)
+    logits_btv = self.embed.attend(x_btd) if self.cfg.tie_embeddings else self.head(x_btd)
+    return constrain(logits_btv.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+  def _run_blocks(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
+    graphdef, layer_state = nnx.split(self.blocks)
+
+    def block_fn(x, one_layer_state):
+      return nnx.merge(graphdef, one_layer_state)(x, positions_bt)
+
+    if self.cfg.remat != "none":
+      block_fn = jax.checkpoint(block_fn, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
+
+    if self.cfg.scan_layers:
+      x_btd, _ = jax.lax.scan(lambda x, s: (block_fn(x, s), None), x_btd, layer_state)
+      return x_btd
+    for i in range(self.cfg.num_layers):
+      x_btd = block_fn(x_btd, jax.tree.map(lambda a: a[i], layer_state))
+    return x_btd

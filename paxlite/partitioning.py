@@ -1,0 +1,187 @@
+"""The rules table: logical axis names -> mesh axes -> PartitionSpec / NamedSharding.
+
+Models name their dimensions ('batch', 'embed', 'heads', ...); this file alone decides how
+those names land on the device mesh. A rule is `(logical_name, mesh_axes)` where mesh_axes
+is one mesh axis, a list of them, or None (replicated). For each dimension of an array the
+first rule for its name whose mesh axes are not already used by another dimension of that
+same array wins, so a repeated name is a fallback (T5X / MaxText semantics). A name with no
+usable rule, or a dimension its mesh axes do not divide, is an error naming the array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Iterator, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from paxlite.config import ConfigError
+
+Rules = Sequence[Sequence[Any]]
+LogicalNames = tuple[str | None, ...]
+
+_RULES: contextvars.ContextVar[tuple[tuple[str, tuple[str, ...] | None], ...] | None] = (
+    contextvars.ContextVar("paxlite_axis_rules", default=None)
+)
+
+
+def normalize_rules(rules: Rules) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
+  """[[name, axis | [axes] | None], ...] -> ((name, (axes...) | None), ...)."""
+  out = []
+  for name, axes in rules:
+    if axes is None:
+      out.append((name, None))
+    elif isinstance(axes, str):
+      out.append((name, (axes,)))
+    else:
+      out.append((name, tuple(axes) or None))
+  return tuple(out)
+
+
+def resolve(
+    names: Sequence[str | None],
+    rules: Rules,
+    *,
+    shape: Sequence[int] | None = None,
+    mesh_shape: dict[str, int] | None = None,
+    what: str = "array",
+) -> P:
+  """Maps one array's logical names to a PartitionSpec under the ordered rules.
+
+  `names[i] is None` leaves dimension i replicated. With `shape` and `mesh_shape`, also checks
+  that every sharded dimension divides by the product of its mesh axes.
+  """
+  table = normalize_rules(rules)
+  if shape is not None and len(shape) != len(names):
+    raise ConfigError(
+        f"{what}: {len(names)} logical names {tuple(names)} for an array of rank {len(shape)} {tuple(shape)}"
+    )
+  used: set[str] = set()
+  spec: list[str | tuple[str, ...] | None] = []
+  for dim, name in enumerate(names):
+    if name is None:
+      spec.append(None)
+      continue
+    candidates = [axes for rule_name, axes in table if rule_name == name]
+    if not candidates:
+      raise ConfigError(f"{what}: no partition rule for logical axis '{name}' (add it to `rules`)")
+    chosen = next((axes for axes in candidates if axes is None or not used.intersection(axes)), False)
+    if chosen is False:
+      raise ConfigError(
+          f"{what}: every rule for logical axis '{name}' uses a mesh axis already taken by another "
+          f"dimension of this array (names {tuple(names)}); add a fallback rule such as ['{name}', null]"
+      )
+    if chosen is None:
+      spec.append(None)
+      continue
+    used.update(chosen)
+    if shape is not None and mesh_shape is not None:
+      ways = math.prod(mesh_shape[a] for a in chosen)
+      if shape[dim] % ways:
+        raise ConfigError(
+            f"{what}: dimension {dim} ('{name}', size {shape[dim]}) is not divisible by mesh axes "
+            f"{' x '.join(chosen)} of size {ways}"
+        )
+    spec.append(chosen[0] if len(chosen) == 1 else chosen)
+  return P(*spec)
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Rules) -> Iterator[None]:
+  """Makes `rules` the table `constrain` resolves activation names with (trace time)."""
+  token = _RULES.set(normalize_rules(rules))
+  try:
+    yield
+  finally:
+    _RULES.reset(token)
+
+
+def current_rules() -> tuple[tuple[str, tuple[str, ...] | None], ...] | None:
+  return _RULES.get()
+
+
+def _mesh_shape(mesh: Any) -> dict[str, int]:
+  return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
+  """Sharding constraint on an activation by logical names; a no-op with no mesh or rules set.
+
+  Called at block boundaries so that the rules, not XLA's propagation guesses, decide the
+  layout of activations (batch over data/fsdp, heads and mlp over tensor, ...).
+  """
+  rules = _RULES.get()
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh is None or mesh.empty:
+    return x
+  spec = resolve(names, rules, shape=x.shape, mesh_shape=_mesh_shape(mesh), what=f"activation {tuple(names)}")
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters: logical names from NNX metadata -> specs / shardings for a whole state tree.
+# ---------------------------------------------------------------------------------------
+
+
+def variable_names(variable: Any) -> LogicalNames | None:
+  """Logical axis names stored on an nnx.Variable by nnx.with_partitioning (or None)."""
+  meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+  for key in ("out_sharding", "sharding_names", "sharding"):
+    names = meta.get(key)
+    if names:
+      return tuple(names)
+  return None
+
+
+def path_str(path: Sequence[Any]) -> str:
+  parts = []
+  for p in path:
+    key = getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))
+    parts.append(str(key))
+  return ".".join(parts)
+
+
+def is_variable(x: Any) -> bool:
+  from flax import nnx
+
+  return isinstance(x, nnx.Variable)
+
+
+def state_specs(state: Any, rules: Rules, mesh: Mesh | None = None) -> Any:
+  """PartitionSpecs for every Variable in an nnx.State (same tree, Variables -> specs).
+
+  Every array must carry logical names for each of its dimensions (scalars excepted): an
+  unannotated parameter is an error rather than silently replicated.
+  """
+  mesh_shape = _mesh_shape(mesh) if mesh is not None else None
+
+  def spec_of(path, var):
+    shape = tuple(var.shape) if hasattr(var, "shape") else ()
+    names = variable_names(var)
+    what = f"parameter '{path_str(path)}' {shape}"
+    if names is None:
+      if len(shape) == 0:
+        return P()
+      raise ConfigError(f"{what}: has no logical axis names (create it with nnx.with_partitioning)")
+    return resolve(names, rules, shape=shape, mesh_shape=mesh_shape, what=what)
+
+  return jax.tree_util.tree_map_with_path(spec_of, state, is_leaf=is_variable)
+
+
+def state_shardings(state: Any, rules: Rules, mesh: Mesh) -> Any:
+  """NamedShardings for every Variable in an nnx.State under `rules` on `mesh`."""
+  specs = state_specs(state, rules, mesh)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def format_rules(rules: Rules) -> str:
+  """The table as aligned text, for logs and `paxlite shardings`."""
+  table = normalize_rules(rules)
+  width = max((len(n) for n, _ in table), default=0)
+  lines = []
+  for name, axes in table:
+    lines.append(f"{name:<{width}}  ->  {'replicated' if axes is None else ' x '.join(axes)}")
+  return "\n".join(lines)
