@@ -18,6 +18,7 @@ from typing import Any, Union
 import yaml
 
 DTYPES = ("float32", "bfloat16", "float16")
+FP8_MODES = ("none", "current", "delayed")
 MESH_AXES = ("data", "fsdp", "stage", "tensor")
 
 
@@ -107,7 +108,20 @@ class PrecisionConfig:
   params: str = "float32"
   """Storage dtype of parameters and optimiser state."""
   compute: str = "bfloat16"
-  """Dtype of activations and matrix multiplies; softmax and the loss stay float32."""
+  """Dtype of activations and matrix multiplies; norms, softmax and the loss stay float32."""
+  fp8: str = "none"
+  """fp8 matmuls in the decoder blocks (attention q/k/v/o, MLP gate/up/down; embedding, head,
+  norms, softmax and loss stay in compute dtype or float32): none | current (each tensor
+  scaled by its own amax this step) | delayed (scaled by the max of an amax history). e4m3
+  forward, e5m2 gradients. Needs compute bfloat16 or float32."""
+  fp8_history: int = 1024
+  """Amax history length per fp8 tensor for fp8: delayed (kept in the train state and checkpoints)."""
+  loss_scale: str = "auto"
+  """Dynamic loss scaling: auto (on when compute is float16) | dynamic | none."""
+  loss_scale_init: float = 32768.0
+  """Initial loss scale; halved (and the step skipped) when gradients are not finite."""
+  loss_scale_period: int = 2000
+  """Consecutive finite steps after which the loss scale doubles."""
 
 
 @dataclass
@@ -439,6 +453,15 @@ def validate(cfg: Config) -> None:
 
   _choice("precision.params", cfg.precision.params, DTYPES)
   _choice("precision.compute", cfg.precision.compute, DTYPES)
+  _choice("precision.fp8", cfg.precision.fp8, FP8_MODES)
+  if cfg.precision.fp8 != "none" and cfg.precision.compute == "float16":
+    # fp8 products summed in float16 overflow (448^2 > 65504), and a loss scale that moves
+    # under the e5m2 gradient scales would make delayed amax histories stale.
+    raise ConfigError("precision.fp8: fp8 matmuls need precision.compute bfloat16 or float32, got float16")
+  _positive("precision.fp8_history", cfg.precision.fp8_history)
+  _choice("precision.loss_scale", cfg.precision.loss_scale, ("auto", "dynamic", "none"))
+  _positive("precision.loss_scale_init", cfg.precision.loss_scale_init)
+  _positive("precision.loss_scale_period", cfg.precision.loss_scale_period)
 
   t = cfg.train
   for name in ("steps", "batch_size", "grad_accum", "log_every"):

@@ -1,8 +1,10 @@
 """Sharded initialisation, the jitted train step, and the training loop.
 
-The train state is a plain dict {'params', 'opt_state', 'step'} of sharded arrays; the model
-is rebuilt from its NNX graph definition inside each compiled function (`nnx.merge`), so
-the state is an ordinary pytree for optax, Orbax and jit donation.
+The train state is a plain dict {'params', 'opt_state', 'step'} of sharded arrays, plus
+'fp8' (the amax histories of delayed fp8 scaling, which the optimizer never sees) and
+'loss_scale' (dynamic loss scaling) when the precision config asks for them; the model is
+rebuilt from its NNX graph definition inside each compiled function (`nnx.merge`), so the
+state is an ordinary pytree for optax, Orbax and jit donation.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from paxlite.config import Config, ConfigError
 from paxlite.mesh import describe, make_mesh
 from paxlite.metrics import MetricsWriter, Progress, Timer, flops_per_token, peak_flops_for
 from paxlite.models.transformer import Transformer
-from paxlite.numerics import DtypePolicy
+from paxlite.numerics import (DtypePolicy, Fp8History, LossScaler, all_finite, combine_fp8_updates, max_combining,
+                              select_tree)
 from paxlite.partitioning import axis_rules, constrain, resolve, variable_names, path_str
 
 ModelFn = Callable[[nnx.Rngs], nnx.Module]
@@ -42,6 +45,13 @@ def _no_eager_sharding():
 def default_model_fn(cfg: Config) -> ModelFn:
   policy = DtypePolicy.from_config(cfg.precision)
   return lambda rngs: Transformer(cfg.model, policy, rngs=rngs)
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graph definition, parameters, fp8 state): every variable that is not an Fp8History is
+  a parameter the optimizer updates."""
+  graphdef, fp8, params = nnx.split(model, Fp8History, ...)
+  return graphdef, params, fp8
 
 
 def _pure_dict(state: nnx.State) -> dict:
@@ -145,9 +155,11 @@ class Trainer:
 
     with _no_eager_sharding():
       abstract_model = nnx.eval_shape(lambda: self.model_fn(nnx.Rngs(cfg.run.seed)))
-    self.graphdef, abstract_state = nnx.split(abstract_model)
-    self.param_specs, self.logical_names = param_layout(abstract_state, self.rules, self.mesh)
-    self.param_shapes = _pure_dict(abstract_state)
+    self.graphdef, abstract_params, abstract_fp8 = split_model(abstract_model)
+    self.param_specs, self.logical_names = param_layout(abstract_params, self.rules, self.mesh)
+    self.param_shapes = _pure_dict(abstract_params)
+    self.fp8_shapes = _pure_dict(abstract_fp8)
+    self.loss_scaler = LossScaler.from_config(cfg.precision)
     self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(self.param_shapes))
 
     self.tx = make_optimizer(cfg, self.logical_names)
@@ -163,6 +175,10 @@ class Trainer:
         is_leaf=lambda node: jax.tree.structure(node) == param_treedef,
     )
     self.state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+    if self.fp8_shapes:
+      self.state_shardings["fp8"] = self._named(param_layout(abstract_fp8, self.rules, self.mesh)[0])
+    if self.loss_scaler is not None:
+      self.state_shardings["loss_scale"] = jax.tree.map(lambda _: replicated, self.loss_scaler.init())
 
     batch, accum = cfg.train.batch_size, cfg.train.grad_accum
     ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -183,7 +199,8 @@ class Trainer:
     self._train_step = jax.jit(self._step_fn, donate_argnums=(0,),
                                in_shardings=(self.state_shardings, self.batch_sharding),
                                out_shardings=(self.state_shardings, None))
-    self._eval_step = jax.jit(self._eval_fn, in_shardings=(self.state_shardings["params"], self.batch_sharding))
+    self._eval_step = jax.jit(self._eval_fn, in_shardings=(
+        self.state_shardings["params"], self.state_shardings.get("fp8", {}), self.batch_sharding))
     self._loader = None
     self._checkpointer: Checkpointer | None = None
 
@@ -206,36 +223,50 @@ class Trainer:
     def create():
       with _no_eager_sharding():
         model = self.model_fn(nnx.Rngs(self.cfg.run.seed))
-      params = _pure_dict(nnx.state(model))
-      return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+      _, params, fp8 = split_model(model)
+      return self._new_state(_pure_dict(params), _pure_dict(fp8))
 
     with self.activate():
       return jax.jit(create, out_shardings=self.state_shardings)()
 
+  def _new_state(self, params: Any, fp8: Any) -> dict[str, Any]:
+    state = {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    if fp8:
+      state["fp8"] = fp8
+    if self.loss_scaler is not None:
+      state["loss_scale"] = self.loss_scaler.init()
+    return state
+
   def abstract_state(self) -> Any:
-    shapes = jax.eval_shape(lambda: {"params": self.param_shapes, "opt_state": self.tx.init(self.param_shapes),
-                                     "step": jnp.zeros((), jnp.int32)})
+    shapes = jax.eval_shape(lambda: self._new_state(self.param_shapes, self.fp8_shapes))
     return abstract_like(shapes, self.state_shardings)
 
-  def model(self, params: Any | None = None) -> nnx.Module:
-    """The NNX module holding `params` (default: the current train state's)."""
+  def model(self, params: Any | None = None, fp8: Any | None = None) -> nnx.Module:
+    """The NNX module holding `params` and `fp8` (default: the current train state's)."""
     params = self.state["params"] if params is None else params
-    return nnx.merge(self.graphdef, params)
+    fp8 = self.state.get("fp8", {}) if fp8 is None else fp8
+    return self._merge(params, fp8)
+
+  def _merge(self, params: Any, fp8: Any) -> nnx.Module:
+    return nnx.merge(self.graphdef, params, fp8) if fp8 else nnx.merge(self.graphdef, params)
 
   # -- compiled functions ----------------------------------------------------------------
 
-  def _loss_fn(self, params: Any, tokens_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-    model = nnx.merge(self.graphdef, params)
+  def _loss_fn(self, params: Any, fp8: Any, tokens_bt: jax.Array, loss_scale: jax.Array | None = None):
+    """(loss to differentiate, cross-entropy). The gradient with respect to `fp8` is the new
+    fp8 state (see paxlite.numerics)."""
+    model = self._merge(params, max_combining(fp8))
     logits_btv = model(tokens_bt[:, :-1])
     nll, total = cross_entropy(logits_btv, tokens_bt[:, 1:], self.cfg.train.z_loss)
-    return total, nll
+    return (total if loss_scale is None else total * loss_scale), nll
 
   def _step_fn(self, state: dict[str, Any], batch_bt: jax.Array) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-    params = state["params"]
-    grad_fn = jax.value_and_grad(self._loss_fn, has_aux=True)
+    params, fp8 = state["params"], state.get("fp8", {})
+    loss_scale = state["loss_scale"]["scale"] if self.loss_scaler is not None else None
+    grad_fn = jax.value_and_grad(self._loss_fn, argnums=(0, 1), has_aux=True)
     accum = self.cfg.train.grad_accum
     if accum == 1:
-      (_, nll), grads = grad_fn(params, batch_bt)
+      (_, nll), (grads, new_fp8) = grad_fn(params, fp8, batch_bt, loss_scale)
     else:
       # Micro-batch a takes rows a, a+A, a+2A, ...: each device's rows split evenly across
       # micro-batches, so the reshape needs no data movement between devices.
@@ -243,21 +274,36 @@ class Trainer:
       micro_abt = constrain(batch_bt.reshape(b // accum, accum, t).swapaxes(0, 1), (None, "batch", "length"))
 
       def accumulate(carry, tokens_bt):
-        grad_sum, nll_sum = carry
-        (_, nll), grads = grad_fn(params, tokens_bt)
-        return (jax.tree.map(jnp.add, grad_sum, grads), nll_sum + nll), None
+        grad_sum, fp8_max, nll_sum = carry
+        (_, nll), (grads, new_fp8) = grad_fn(params, fp8, tokens_bt, loss_scale)
+        # Gradients add up; amax histories combine by max (the largest amax of any micro-batch).
+        return (jax.tree.map(jnp.add, grad_sum, grads), combine_fp8_updates(fp8_max, new_fp8), nll_sum + nll), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-      (grad_sum, nll_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro_abt)
+      no_amax = jax.tree.map(jnp.zeros_like, fp8)  # amaxes are >= 0: zero is max's identity here
+      (grad_sum, new_fp8, nll_sum), _ = jax.lax.scan(
+          accumulate, (zeros, no_amax, jnp.zeros((), jnp.float32)), micro_abt)
       grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, params)
       nll = nll_sum / accum
+    if loss_scale is not None:
+      grads = jax.tree.map(lambda g: g / loss_scale.astype(g.dtype), grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-    return new_state, {"loss": nll, "grad_norm": grad_norm, "lr": self.schedule(state["step"])}
+    if fp8:
+      new_state["fp8"] = new_fp8
+    metrics = {"loss": nll, "grad_norm": grad_norm, "lr": self.schedule(state["step"])}
+    if self.loss_scaler is not None:
+      # Overflowed gradients: keep parameters, optimizer and fp8 state; the step still counts.
+      finite = all_finite(grads)
+      kept = {k: state[k] for k in ("params", "opt_state", "fp8") if k in state}
+      new_state.update(select_tree(finite, {k: new_state[k] for k in kept}, kept))
+      new_state["loss_scale"] = self.loss_scaler.update(state["loss_scale"], finite)
+      metrics.update(loss_scale=loss_scale, skipped_steps=new_state["loss_scale"]["skipped_steps"])
+    return new_state, metrics
 
-  def _eval_fn(self, params: Any, batch_bt: jax.Array) -> jax.Array:
-    return self._loss_fn(params, batch_bt)[1]
+  def _eval_fn(self, params: Any, fp8: Any, batch_bt: jax.Array) -> jax.Array:
+    return self._loss_fn(params, fp8, batch_bt)[1]
 
   def step(self, batch: np.ndarray) -> dict[str, jax.Array]:
     """One optimizer step on a host batch (this process's rows); updates self.state."""
@@ -299,7 +345,7 @@ class Trainer:
         self.cfg.data, batch_size=self.cfg.train.batch_size,
         num_batches=num_batches or self.cfg.eval.batches, **self._data_kwargs())
     with self.activate():
-      losses = [self._eval_step(self.state["params"], self._to_global(b)) for b in batches]
+      losses = [self._eval_step(self.state["params"], self.state.get("fp8", {}), self._to_global(b)) for b in batches]
     return float(np.mean(jax.device_get(losses)))
 
   # -- checkpoints -----------------------------------------------------------------------

@@ -13,6 +13,7 @@ from flax import nnx
 
 from paxlite.config import ModelConfig
 from paxlite.models.layers import Einsum, rotary, scaled_normal
+from paxlite.numerics import Fp8Recipe
 from paxlite.partitioning import constrain
 
 _IMPLEMENTATION = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
@@ -20,13 +21,13 @@ _IMPLEMENTATION = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs, fp8: Fp8Recipe | None = None):
     d, n = cfg.d_model, cfg.num_heads
     k = cfg.num_kv_heads or n
     h = cfg.head_dim or d // n
     self.rope_theta = cfg.rope_theta
     self.implementation = _IMPLEMENTATION[cfg.attention]
-    common = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+    common = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs, fp8=fp8)
     init_in = scaled_normal(cfg.init_std)
     # Output projection scaled down with depth (GPT-2 style) so residual growth stays bounded.
     init_out = scaled_normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
@@ -39,7 +40,11 @@ class Attention(nnx.Module):
     q = constrain(rotary(self.q(x_btd), positions_bt, self.rope_theta), ("batch", "length", "act_heads", "head_dim"))
     k = constrain(rotary(self.k(x_btd), positions_bt, self.rope_theta), ("batch", "length", "act_kv_heads", "head_dim"))
     v = constrain(self.v(x_btd), ("batch", "length", "act_kv_heads", "head_dim"))
+    if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+      # XLA:CPU has no float16 x float16 -> float32 dot, the algorithm jax's attention asks for;
+      # float32 inputs give the same products (float16 products are exact in float32).
+      q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     # Softmax runs in float32 inside the fused kernel (cuDNN) or XLA's lowering.
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
-    out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
+    out = constrain(out.astype(x_btd.dtype), ("batch", "length", "act_heads", "head_dim"))
     return self.o(out)

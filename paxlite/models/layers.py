@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from paxlite.numerics import Fp8Recipe, fp8_einsum, new_history, split_equation
 from paxlite.partitioning import constrain
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
@@ -34,17 +35,28 @@ def scaled_normal(std: float, fan_in: int | None = None) -> Initializer:
 class Einsum(nnx.Module):
   """A weight applied with one einsum, e.g. 'btd,dnh->btnh' for a query projection.
 
-  The contraction runs in compute dtype with float32 accumulation on GPU/TPU matrix units.
+  The contraction runs in compute dtype with float32 accumulation on GPU/TPU matrix units,
+  or, given an fp8 recipe, in fp8 (paxlite.numerics.fp8_einsum); delayed scaling keeps the
+  amax history of its input, kernel and output gradient in `fp8_history`.
   """
 
   def __init__(self, equation: str, shape: Sequence[int], names: Sequence[str], *, init: Initializer,
-               param_dtype, compute_dtype, rngs: nnx.Rngs):
+               param_dtype, compute_dtype, rngs: nnx.Rngs, fp8: Fp8Recipe | None = None):
     self.equation = equation
     self.compute_dtype = compute_dtype
+    self.fp8 = fp8
     self.kernel = param(rngs, init, shape, names, param_dtype)
+    if fp8 is not None:
+      split_equation(equation)  # fails now, not at trace time, if its gradients are not einsums
+      if fp8.mode == "delayed":
+        self.fp8_history = new_history(fp8.history)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum(self.equation, x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+    x, kernel = x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype)
+    if self.fp8 is None:
+      return jnp.einsum(self.equation, x, kernel)
+    history = self.fp8_history[...] if self.fp8.mode == "delayed" else None
+    return fp8_einsum(self.equation, x, kernel, history)
 
 
 class Embed(nnx.Module):

@@ -17,7 +17,7 @@ from flax import nnx
 from paxlite.config import ModelConfig
 from paxlite.models.attention import Attention
 from paxlite.models.layers import Einsum, Embed, RMSNorm, scaled_normal
-from paxlite.numerics import DtypePolicy
+from paxlite.numerics import DtypePolicy, Fp8Recipe, index_layer
 from paxlite.partitioning import constrain
 
 _REMAT_POLICIES = {
@@ -29,8 +29,8 @@ _REMAT_POLICIES = {
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)); gate/up column-parallel, down row-parallel."""
 
-  def __init__(self, cfg: ModelConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
-    common = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+  def __init__(self, cfg: ModelConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs, fp8: Fp8Recipe | None = None):
+    common = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs, fp8=fp8)
     init_in = scaled_normal(cfg.init_std)
     init_out = scaled_normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
     self.gate = Einsum("btd,df->btf", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), init=init_in, **common)
@@ -43,13 +43,14 @@ class MLP(nnx.Module):
 
 
 class DecoderBlock(nnx.Module):
+  """Pre-norm attention and MLP; `fp8` (a recipe or None) applies to their projections only."""
 
-  def __init__(self, cfg: ModelConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs, fp8: Fp8Recipe | None = None):
     common = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, **common)
-    self.attn = Attention(cfg, **common)
+    self.attn = Attention(cfg, fp8=fp8, **common)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, **common)
-    self.mlp = MLP(cfg, **common)
+    self.mlp = MLP(cfg, fp8=fp8, **common)
 
   def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
     x_btd = constrain(x_btd + self.attn(self.attn_norm(x_btd), positions_bt), ("batch", "length", "act_embed"))
@@ -84,7 +85,8 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     common = dict(param_dtype=policy.param_dtype, compute_dtype=policy.compute_dtype)
     self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs, **common)
-    self.blocks = stacked(lambda r: DecoderBlock(cfg, rngs=r, **common), cfg.num_layers, rngs)
+    # fp8 in the decoder blocks only: the embedding and the output head stay in compute dtype.
+    self.blocks = stacked(lambda r: DecoderBlock(cfg, rngs=r, fp8=policy.fp8, **common), cfg.num_layers, rngs)
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, **common)
     if not cfg.tie_embeddings:
       self.head = Einsum("btd,dv->btv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
@@ -112,5 +114,5 @@ class Transformer(nnx.Module):
       x_btd, _ = jax.lax.scan(lambda x, s: (block_fn(x, s), None), x_btd, layer_state)
       return x_btd
     for i in range(self.cfg.num_layers):
-      x_btd = block_fn(x_btd, jax.tree.map(lambda a: a[i], layer_state))
+      x_btd = block_fn(x_btd, jax.tree.map(lambda a: index_layer(a, i), layer_state))
     return x_btd

@@ -1,0 +1,205 @@
+"""fp8 quantisation, scaling and amax histories; loss scaling; the HLO GEMM counter; config keys."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from paxlite import numerics as nx
+from paxlite.config import ConfigError, load_config
+
+E4M3, E5M2 = nx.FORWARD_FP8, nx.BACKWARD_FP8
+
+
+def spread(seed, shape, decades=4):
+  """Values whose magnitudes span `decades` powers of ten, both signs."""
+  rng = np.random.default_rng(seed)
+  mag = 10.0 ** rng.uniform(-decades, 0, shape) * 3.7
+  return jnp.asarray(mag * rng.choice([-1.0, 1.0], shape), jnp.float32)
+
+
+@pytest.mark.parametrize("dtype,mantissa_bits,min_normal_exp,subnormal_exp", [
+    (E4M3, 3, -6, -9), (E5M2, 2, -14, -16)])
+def test_quantize_dequantize_round_trip(dtype, mantissa_bits, min_normal_exp, subnormal_exp):
+  x = spread(0, (4096,))
+  scale = nx.scale_for(nx.amax(x), dtype)
+  # A power of two, and the tightest one: amax lands in the top binade of the fp8 range.
+  assert np.frexp(float(scale))[0] == 0.5
+  assert nx.fp8_max(dtype) / 2 < float(nx.amax(x) / scale) <= nx.fp8_max(dtype)
+  q = nx.quantize(x, scale, dtype)
+  assert q.dtype == dtype
+  back = nx.dequantize(q, scale, jnp.float32)
+  err = np.abs(np.asarray(back - x))
+  scaled = np.abs(np.asarray(x / scale))
+  normal = scaled >= 2.0 ** min_normal_exp
+  # Round to nearest: half an ulp, relative for normals, absolute (in scaled units) below.
+  assert np.all(err[normal] <= np.abs(np.asarray(x))[normal] * 2.0 ** -(mantissa_bits + 1))
+  assert np.all(err[~normal] <= float(scale) * 2.0 ** (subnormal_exp - 1))
+  assert normal.mean() > 0.5 and err.max() > 0  # the test exercises both ranges, and rounding happens
+
+
+def test_scale_for_edge_cases():
+  s = lambda a: float(nx.scale_for(jnp.float32(a), E4M3))
+  assert s(448.0) == 1.0 and s(449.0) == 2.0 and s(224.0) == 0.5
+  assert s(1.0) == 2.0 ** -8  # 1 / 2^-8 = 256 <= 448 < 512
+  assert s(0.0) == s(np.inf) == s(np.nan) == 1.0  # nothing seen yet, or an overflow: no rescale
+
+
+def test_quantize_saturates_instead_of_nan():
+  # A delayed scale that is too small for this step's tensor: e4m3fn has no inf, would give NaN.
+  q = nx.quantize(jnp.array([1e6, -1e6, 3.0]), jnp.float32(1.0), E4M3)
+  np.testing.assert_array_equal(np.asarray(q.astype(jnp.float32)), [448.0, -448.0, 3.0])
+
+
+def test_amax_history_push_and_max():
+  h = jnp.array([[1.0, 8.0, 2.0], [4.0, 4.0, 4.0], [0.5, 0.25, 64.0]])
+  new = nx.push_amax(h, jnp.array([3.0, 1.0, 2.0]))
+  np.testing.assert_array_equal(np.asarray(new), [[3, 1, 8], [1, 4, 4], [2, 0.5, 0.25]])
+  # Scales come from the max over the whole history, not its newest entry.
+  s_x, s_w, s_g = nx.history_scales(new)
+  assert float(s_x) == float(nx.scale_for(jnp.float32(8.0), E4M3))
+  assert float(s_w) == float(nx.scale_for(jnp.float32(4.0), E4M3))
+  assert float(s_g) == float(nx.scale_for(jnp.float32(2.0), E5M2))
+
+
+EQ = "btd,dnh->btnh"
+
+
+@pytest.fixture(scope="module")
+def operands():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(k1, (4, 8, 32))
+  w = jax.random.normal(k2, (32, 4, 16)) * 0.05
+  g = jax.random.normal(k3, (4, 8, 4, 16))
+  return x, w, g
+
+
+def rel(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def test_fp8_einsum_close_to_float32_and_current_equals_primed_delayed(operands):
+  x, w, g = operands
+  exact = jnp.einsum(EQ, x, w)
+  dx, dw = jax.grad(lambda x, w: jnp.sum(jnp.einsum(EQ, x, w) * g), (0, 1))(x, w)
+  f8 = lambda x, w, h: jnp.sum(nx.fp8_einsum(EQ, x, w, h) * g)
+  cur_dx, cur_dw = jax.grad(f8, (0, 1))(x, w, None)
+  assert rel(nx.fp8_einsum(EQ, x, w), exact) < 0.05
+  assert rel(cur_dx, dx) < 0.1 and rel(cur_dw, dw) < 0.1  # e5m2 gradients: 2 mantissa bits
+
+  # Delayed scaling from an empty history returns the history with this step's amaxes pushed in.
+  empty = jnp.zeros((3, 5))
+  _, _, new = jax.grad(f8, (0, 1, 2))(x, w, empty)
+  expected = [float(nx.amax(x)), float(nx.amax(w)), float(nx.amax(g))]
+  np.testing.assert_allclose(np.asarray(new[:, 0]), expected, rtol=1e-6)
+  assert float(jnp.abs(new[:, 1:]).max()) == 0.0
+  # With that history, delayed scaling uses the very scales current scaling computes.
+  del_dx, del_dw, _ = jax.grad(f8, (0, 1, 2))(x, w, new)
+  np.testing.assert_array_equal(np.asarray(nx.fp8_einsum(EQ, x, w, new)), np.asarray(nx.fp8_einsum(EQ, x, w)))
+  np.testing.assert_array_equal(np.asarray(del_dx), np.asarray(cur_dx))
+  np.testing.assert_array_equal(np.asarray(del_dw), np.asarray(cur_dw))
+
+
+def test_fp8_einsum_in_bfloat16_keeps_dtypes(operands):
+  x, w, g = (a.astype(jnp.bfloat16) for a in operands)
+  y = nx.fp8_einsum(EQ, x, w, jnp.zeros((3, 4)))
+  assert y.dtype == jnp.bfloat16
+  dx, dw, dh = jax.grad(lambda x, w, h: jnp.sum(nx.fp8_einsum(EQ, x, w, h).astype(jnp.float32) * g), (0, 1, 2))(
+      x, w, jnp.zeros((3, 4)))
+  assert (dx.dtype, dw.dtype, dh.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  assert rel(dx.astype(jnp.float32), jax.grad(lambda x: jnp.sum(jnp.einsum(EQ, x, w).astype(jnp.float32) * g))(
+      x).astype(jnp.float32)) < 0.1
+
+
+def test_history_used_many_times_combines_by_max_not_sum_or_last(operands):
+  """One layer applied to several micro-batches inside one differentiated function (a
+  pipeline stage, a closure in a scan): its new history takes the largest amax of any use."""
+  x, w, g = operands
+  xs = jnp.stack([x, 5.0 * x, 0.5 * x])  # the middle micro-batch has the largest amax
+  gs = jnp.stack([g, 0.1 * g, 3.0 * g])  # and the last the largest gradient
+
+  def loss(history):
+    h = nx.max_combining(history)
+
+    def body(total, xg):
+      xi, gi = xg
+      return total + jnp.sum(nx.fp8_einsum(EQ, xi, w, h) * gi), None
+
+    return jax.lax.scan(body, 0.0, (xs, gs))[0]
+
+  new = jax.jit(jax.grad(loss))(jnp.zeros((3, 4)))
+  assert new.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(new[:, 0]), [5 * float(nx.amax(x)), float(nx.amax(w)), 3 * float(nx.amax(g))],
+                             rtol=1e-6)
+
+
+def test_split_equation_checks_projections():
+  assert nx.split_equation("btnh,nhd->btd") == ("btnh", "nhd", "btd")
+  assert nx.split_equation("bqd,bkd->bqk") == ("bqd", "bkd", "bqk")  # batch letter in all three
+  with pytest.raises(ValueError, match="summed within one operand"):
+    nx.split_equation("btd,df->bf")
+  with pytest.raises(ValueError, match="expected 'lhs,rhs->out'"):
+    nx.split_equation("btd->bt")
+
+
+def test_loss_scaler_grows_after_period_and_halves_on_overflow():
+  scaler = nx.LossScaler(initial=8.0, period=3)
+  state = scaler.init()
+  trace = []
+  for finite in [True, True, True, True, False, True, False, False]:
+    state = scaler.update(state, jnp.asarray(finite))
+    trace.append((float(state["scale"]), int(state["good_steps"]), int(state["skipped_steps"])))
+  assert trace == [(8, 1, 0), (8, 2, 0), (16, 0, 0), (16, 1, 0), (8, 0, 1), (8, 1, 1), (4, 0, 2), (2, 0, 3)]
+
+
+def test_loss_scaler_from_config():
+  auto16 = load_config(None, {"precision.compute": "float16"}).precision
+  assert nx.LossScaler.from_config(auto16) == nx.LossScaler(32768.0, 2000)
+  assert nx.LossScaler.from_config(load_config(None, {}).precision) is None  # bfloat16: off
+  forced = load_config(None, {"precision.loss_scale": "dynamic", "precision.loss_scale_init": 4}).precision
+  assert nx.LossScaler.from_config(forced) == nx.LossScaler(4.0, 2000)
+  off16 = load_config(None, {"precision.compute": "float16", "precision.loss_scale": "none"}).precision
+  assert nx.LossScaler.from_config(off16) is None
+
+
+def test_all_finite_and_select():
+  assert bool(nx.all_finite({"a": jnp.ones(3), "b": jnp.zeros((2, 2))}))
+  assert not bool(nx.all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, jnp.inf])}))
+  assert not bool(nx.all_finite([jnp.array([jnp.nan])]))
+  out = nx.select_tree(jnp.asarray(False), {"a": jnp.ones(2)}, {"a": jnp.zeros(2)})
+  np.testing.assert_array_equal(np.asarray(out["a"]), [0, 0])
+
+
+# Lines in the form of XLA:GPU's optimised HLO (operand shapes printed): cuBLAS custom calls,
+# a cuBLASLt fp8 call, a Triton GEMM fusion, and look-alikes that are not GEMMs.
+HLO = r"""
+%custom-call.1 = (bf16[1024,512]{1,0}, s8[4194304]{0}) custom-call(bf16[1024,256]{1,0} %p.1, bf16[256,512]{1,0} %p.2), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1}}
+%custom-call.2 = (bf16[1024,256]{1,0}, s8[33554432]{0}) custom-call(f8e4m3fn[1024,256]{1,0} %q.1, f8e4m3fn[256,256]{0,1} %q.2, f32[] %s.1, f32[] %s.2), custom_call_target="__cublas$lt$matmul$f8", backend_config={}
+%custom-call.3 = (bf16[1024,256]{1,0}, s8[33554432]{0}) custom-call(f8e5m2[1024,512]{1,0} %g.1, f8e4m3fn[256,512]{1,0} %q.3, f32[] %s.3, f32[] %s.4), custom_call_target="__cublas$lt$matmul$f8"
+%custom-call.4 = (f32[64,64]{1,0}, s8[4194304]{0}) custom-call(f32[64,32]{1,0} %a, f32[32,64]{1,0} %b), custom_call_target="__cublas$lt$matmul", backend_config={}
+%fusion.7 = bf16[1024,256]{1,0} fusion(bf16[1024,512]{1,0} %x, bf16[512,256]{1,0} %y), kind=kCustom, calls=%gemm_fusion_dot.7, backend_config={"fusion_backend_config":{"kind":"__triton_gemm","triton_gemm_config":{"block_m":"64"}}}
+%fusion.8 = bf16[1024,256]{1,0} fusion(bf16[1024,256]{1,0} %x), kind=kLoop, calls=%fused_convert
+%custom-call.9 = (bf16[8,128,4,64]{3,2,1,0}, u8[0]{0}) custom-call(bf16[8,128,4,64]{3,2,1,0} %q, bf16[8,128,4,64]{3,2,1,0} %k), custom_call_target="__cudnn$fmhaSoftmax"
+%gemm_fusion_dot.7 (p0: bf16[1024,512], p1: bf16[512,256]) -> bf16[1024,256] {
+"""
+
+
+def test_count_gemms_on_gpu_hlo_lines():
+  assert nx.count_gemms(HLO) == {"fp8": 2, "bf16": 2, "f32": 1}
+  assert nx.count_gemms("") == {}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"precision.fp8": "e4m3"}, "precision.fp8: expected one of none | current | delayed, got 'e4m3'"),
+    ({"precision.fp8": "delayed", "precision.compute": "float16"},
+     "precision.fp8: fp8 matmuls need precision.compute bfloat16 or float32, got float16"),
+    ({"precision.fp8_history": 0}, "precision.fp8_history: expected a positive number, got 0"),
+    ({"precision.loss_scale": "static"}, "precision.loss_scale: expected one of auto | dynamic | none"),
+    ({"precision.loss_scale_init": -1.0}, "precision.loss_scale_init: expected a positive number"),
+    ({"precision.loss_scale_period": 0}, "precision.loss_scale_period: expected a positive number"),
+])
+def test_precision_config_errors(overrides, message):
+  with pytest.raises(ConfigError, match=message.replace("|", r"\|")):
+    load_config(None, overrides)
