@@ -137,7 +137,7 @@ class Progress:
       self._bar.close()
 
 
-_SHOWN = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s")
+_SHOWN = ("loss", "eval_loss", "lr", "grad_norm", "loss_scale", "skipped_steps", "tokens_per_s", "mfu", "step_time_s")
 
 
 def _fmt(value: Any) -> str:

@@ -130,10 +130,14 @@ def test_delayed_state_shapes_and_values(delayed_reference):
   q = trainer.state["fp8"]["blocks"]["attn"]["q"]["fp8_history"]
   assert q.shape == (2, 3, 8) and q.dtype == jnp.float32  # [layers, input/kernel/grad, history]
   assert set(trainer.state["fp8"]["blocks"]["mlp"]) == {"gate", "up", "down"}
-  assert "fp8" not in jax.tree.leaves(trainer.state["opt_state"], is_leaf=lambda x: isinstance(x, dict) and "fp8" in x)
+  assert "head" not in trainer.state["fp8"] and "embed" not in trainer.state["fp8"]
+  opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(trainer.state["opt_state"])]
+  assert opt_paths and not any("fp8" in p for p in opt_paths)  # the optimizer never sees it
   h = np.asarray(q)
   assert (h[:, :, :3] > 0).all() and (h[:, :, 3:] == 0).all()  # three steps pushed, newest first
-  # The kernel amax is that of the weights each step saw: before the last update.
+  # The oldest entry of the kernel row is the amax of each layer's initial weights.
+  initial = np.asarray(trainer.init_state()["params"]["blocks"]["attn"]["q"]["kernel"])
+  np.testing.assert_allclose(h[:, 1, 2], np.abs(initial).max(axis=(1, 2, 3)), rtol=1e-6)
   assert losses[-1] < losses[0]
 
 
