@@ -79,12 +79,15 @@ class RMSNorm(nnx.Module):
 
 
 def rotary(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding, half-split layout (pairs (i, i + h/2)), as in Llama/HF."""
+  """Rotary position embedding, half-split layout (pairs (i, i + h/2)), as in Llama/HF.
+
+  Angles are computed in float32; the rotation itself runs in x's dtype (as HF does), so a
+  bf16 model does not keep float32 copies of q and k alive for the backward pass.
+  """
   head_dim = x_btnh.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # [b, t, h/2]
-  sin = jnp.sin(angles)[:, :, None, :]
-  cos = jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_btnh.dtype)
+  sin = jnp.sin(angles)[:, :, None, :].astype(x_btnh.dtype)
+  cos = jnp.cos(angles)[:, :, None, :].astype(x_btnh.dtype)
+  x1, x2 = jnp.split(x_btnh, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
