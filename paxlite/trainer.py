@@ -27,6 +27,7 @@ from paxlite.mesh import describe, make_mesh
 from paxlite.metrics import MetricsWriter, Progress, Timer, flops_per_token, peak_flops_for
 from paxlite.models.transformer import Transformer
 from paxlite.numerics import DtypePolicy
+from paxlite.pipeline import Schedule
 from paxlite.partitioning import axis_rules, constrain, resolve, variable_names, path_str
 
 ModelFn = Callable[[nnx.Rngs], nnx.Module]
@@ -39,9 +40,17 @@ def _no_eager_sharding():
   return use(False) if use is not None else contextlib.nullcontext()
 
 
+def pipeline_schedule(cfg: Config) -> Schedule | None:
+  """The pipeline schedule a config asks for, None without pipeline stages."""
+  if cfg.mesh.stage <= 1:
+    return None
+  return Schedule(cfg.mesh.stage, cfg.pipeline.microbatches, cfg.pipeline.repeats)
+
+
 def default_model_fn(cfg: Config) -> ModelFn:
   policy = DtypePolicy.from_config(cfg.precision)
-  return lambda rngs: Transformer(cfg.model, policy, rngs=rngs)
+  schedule = pipeline_schedule(cfg)
+  return lambda rngs: Transformer(cfg.model, policy, rngs=rngs, pipeline=schedule)
 
 
 def _pure_dict(state: nnx.State) -> dict:
@@ -151,7 +160,7 @@ class Trainer:
     self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(self.param_shapes))
 
     self.tx = make_optimizer(cfg, self.logical_names)
-    self.schedule = lr_schedule(cfg)
+    self.lr_schedule = lr_schedule(cfg)
     param_shardings = self._named(self.param_specs)
     abstract_opt = jax.eval_shape(self.tx.init, self.param_shapes)
     param_treedef = jax.tree.structure(self.param_shapes)
@@ -165,11 +174,13 @@ class Trainer:
     self.state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
 
     batch, accum = cfg.train.batch_size, cfg.train.grad_accum
+    self.pipeline = pipeline_schedule(cfg)
+    micro = accum * (self.pipeline.microbatches if self.pipeline else 1)
     ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    if (batch // accum) % ways:
+    if (batch // micro) % ways:
       raise ConfigError(
-          f"train.batch_size: {batch} sequences over {accum} micro-batches gives {batch // accum} per "
-          f"micro-batch, which data x fsdp = {ways} devices do not divide"
+          f"train.batch_size: {batch} sequences over {micro} micro-batches (grad_accum x pipeline.microbatches) "
+          f"gives {batch // micro} per micro-batch, which data x fsdp = {ways} devices do not divide"
       )
     self.batch_sharding = NamedSharding(
         self.mesh, resolve(("batch", "length"), self.rules, what="input batch")
@@ -254,7 +265,7 @@ class Trainer:
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-    return new_state, {"loss": nll, "grad_norm": grad_norm, "lr": self.schedule(state["step"])}
+    return new_state, {"loss": nll, "grad_norm": grad_norm, "lr": self.lr_schedule(state["step"])}
 
   def _eval_fn(self, params: Any, batch_bt: jax.Array) -> jax.Array:
     return self._loss_fn(params, batch_bt)[1]
@@ -368,6 +379,8 @@ class Trainer:
           record.update(self._speed(timer.lap() / steps_since_log))
           if done == 1:
             record["compile_s"] = compile_s
+          if self.pipeline is not None:
+            record["pipeline_bubble"] = self.pipeline.bubble
           steps_since_log = 0
           if cfg.eval.every and (done % cfg.eval.every == 0 or last):
             record["eval_loss"] = self.evaluate()
@@ -409,6 +422,10 @@ class Trainer:
         f"batch {cfg.train.batch_size}x{cfg.model.seq_len}",
         f"compile {compile_s:.1f}s",
     ]
+    if self.pipeline is not None:
+      p = self.pipeline
+      parts.append(f"pipeline {cfg.pipeline.schedule} P={p.stages} M={p.microbatches} R={p.repeats} "
+                   f"bubble {p.bubble:.3f}")
     if resumed_from is not None:
       parts.append(f"resumed from step {resumed_from}")
     return " | ".join(parts)
