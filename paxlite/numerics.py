@@ -16,12 +16,15 @@ type, then the output is multiplied by the scalar s_a * s_b (flax/linen/fp8_ops.
 form). Power-of-two scales make quantising and dequantising exact apart from the fp8
 rounding itself, in any compute dtype.
 
-Delayed scaling and autodiff: the new history of a projection leaves the backward pass as
-the "gradient" of its old history (the output-gradient amax only exists there). Inside the
-differentiated function the history is converted to flax's `fp32_max_grad` dtype, whose
-cotangents add by max, so a history used several times (a pipeline's micro-batches, a layer
-closed over by a scan) combines by max, never by sum; gradient accumulation across
-micro-batches combines with `combine_fp8_updates` (max) for the same reason.
+Delayed scaling and autodiff: the output-gradient amax only exists in the backward pass, so
+every amax of a step leaves it as a gradient: each projection also holds an `Fp8Seen`
+variable, all zeros, whose gradient is a one-hot vector of the power-of-two scale each of its
+three tensors needed this step. Gradients add wherever a layer is used more than once (the
+micro-batches of gradient accumulation or of a pipeline, a layer closed over by a scan), and
+a sum of one-hot vectors still shows the largest scale any use needed: amaxes combine by max,
+never by sum or last-wins, with no special case in any of those places. `update_histories`
+pushes the result into the `Fp8History` (which the optimizer never sees). A use whose output
+gradient is zero (a pipeline bubble) records nothing.
 """
 
 from __future__ import annotations
@@ -35,15 +38,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.linen.fp8_ops import fp32_max_grad
 
 from paxlite.config import PrecisionConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 FORWARD_FP8 = jnp.float8_e4m3fn   # activations and weights: 3 mantissa bits, max 448
 BACKWARD_FP8 = jnp.float8_e5m2    # output gradients: 2 mantissa bits, max 57344
-# Rows of an Fp8History: which tensor of the matmul an amax belongs to.
+# Rows of an Fp8History / Fp8Seen: which tensor of the matmul an amax belongs to.
 INPUT, KERNEL, GRAD = 0, 1, 2
+ROW_DTYPES = (FORWARD_FP8, FORWARD_FP8, BACKWARD_FP8)
+# Scale exponents k (scale 2^k) recorded by Fp8Seen: float32 normals, with room for fp8 max * 2^k.
+MIN_EXP, MAX_EXP = -126, 110
+SCALE_BINS = MAX_EXP - MIN_EXP + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,18 +87,29 @@ def amax(x: jax.Array) -> jax.Array:
   return jnp.max(jnp.abs(x)).astype(jnp.float32)
 
 
-def scale_for(amax_value: jax.Array, dtype) -> jax.Array:
-  """Smallest power of two s with amax / s <= the fp8 maximum; 1 if amax is 0 or not finite.
-
-  A power of two costs at most one bit of range against amax / max exactly, and buys exact
-  scaling: x / s and q * s lose nothing in bfloat16 or float32. It is built from the exponent
-  bits (frexp, then a bitcast), never from log2 / exp2, whose GPU approximations are inexact.
-  """
+def scale_exponent(amax_value: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """(k, ok): 2^k is the smallest power of two with amax / 2^k <= the fp8 maximum; ok is False
+  when amax is 0 or not finite. From the exponent bits (frexp), not log2, whose GPU
+  approximation is inexact."""
   ok = jnp.isfinite(amax_value) & (amax_value > 0)
   mantissa, exponent = jnp.frexp(jnp.where(ok, amax_value, 1.0) / fp8_max(dtype))  # m * 2^e, m in [0.5, 1)
-  exponent = jnp.clip(jnp.where(mantissa == 0.5, exponent - 1, exponent), -126, 127)  # float32 normals
-  power = jax.lax.bitcast_convert_type((exponent + 127).astype(jnp.int32) << 23, jnp.float32)
-  return jnp.where(ok, power, 1.0)
+  exponent = jnp.where(mantissa == 0.5, exponent - 1, exponent)
+  return jnp.clip(exponent, MIN_EXP, MAX_EXP).astype(jnp.int32), ok
+
+
+def _pow2(k: jax.Array) -> jax.Array:
+  """2^k for integer k in float32's normal range, exactly (a bitcast, not exp2)."""
+  return jax.lax.bitcast_convert_type((k + 127).astype(jnp.int32) << 23, jnp.float32)
+
+
+def scale_for(amax_value: jax.Array, dtype) -> jax.Array:
+  """The power-of-two scale s for a tensor of this amax (x ~ q * s); 1 for amax 0 or not finite.
+
+  A power of two costs at most one bit of range against amax / max exactly, and buys exact
+  scaling: x / s and q * s lose nothing in bfloat16 or float32.
+  """
+  k, ok = scale_exponent(amax_value, dtype)
+  return jnp.where(ok, _pow2(k), 1.0)
 
 
 def quantize(x: jax.Array, scale: jax.Array, dtype) -> jax.Array:
@@ -106,17 +123,44 @@ def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
   return q.astype(dtype) * scale.astype(dtype)
 
 
-def push_amax(history_kh: jax.Array, amax_k: jax.Array) -> jax.Array:
-  """History [tensors, length] with `amax_k` as the newest column 0, the oldest dropped."""
-  return jnp.concatenate([amax_k[:, None], history_kh[:, :-1]], axis=1)
+def push_amax(history: jax.Array, amax_k: jax.Array) -> jax.Array:
+  """History [..., tensors, length] with `amax_k` [..., tensors] as the newest column 0."""
+  return jnp.concatenate([amax_k[..., None], history[..., :-1]], axis=-1)
 
 
-def history_scales(history_kh: jax.Array) -> jax.Array:
-  """Scales for (input, kernel, grad) from the max over each row's history."""
-  h = jax.lax.convert_element_type(history_kh, jnp.float32)
-  amax_k = jnp.max(h, axis=1)
-  return jnp.stack([scale_for(amax_k[INPUT], FORWARD_FP8), scale_for(amax_k[KERNEL], FORWARD_FP8),
-                    scale_for(amax_k[GRAD], BACKWARD_FP8)])
+def history_scales(history_kh: jax.Array) -> list[jax.Array]:
+  """Scales of (input, kernel, grad) from the max over each row's history."""
+  amax_k = jnp.max(history_kh, axis=-1)
+  return [scale_for(amax_k[row], dtype) for row, dtype in enumerate(ROW_DTYPES)]
+
+
+def scale_one_hot(amax_k: jax.Array) -> jax.Array:
+  """[3] amaxes (input, kernel, grad) -> [3, SCALE_BINS]: a one at the exponent of the scale
+  each needs, nothing for an amax of 0 or not finite."""
+  rows = []
+  for row, dtype in enumerate(ROW_DTYPES):
+    k, ok = scale_exponent(amax_k[row], dtype)
+    rows.append(jax.nn.one_hot(k - MIN_EXP, SCALE_BINS, dtype=jnp.float32) * ok)
+  return jnp.stack(rows)
+
+
+def seen_amax(seen: jax.Array) -> jax.Array:
+  """[..., 3, SCALE_BINS] sums of one-hot vectors -> [..., 3] amaxes: the largest value the
+  largest scale seen covers (fp8 max * 2^k), which gives back exactly that scale; 0 if none."""
+  found = seen > 0
+  top = SCALE_BINS - 1 - jnp.argmax(found[..., ::-1], axis=-1)  # highest bin with a count
+  limits = jnp.asarray([fp8_max(d) for d in ROW_DTYPES], jnp.float32)
+  return jnp.where(found.any(axis=-1), limits * _pow2(top + MIN_EXP), 0.0)
+
+
+def update_histories(histories: Any, seen: Any) -> Any:
+  """Pushes the amaxes of a step's summed `Fp8Seen` gradients into the matching histories
+  (trees whose leaves pair up in order: one history and one seen per projection)."""
+  hist_leaves, treedef = jax.tree_util.tree_flatten_with_path(histories)
+  seen_leaves = jax.tree_util.tree_flatten_with_path(seen)[0]
+  if [p[:-1] for p, _ in hist_leaves] != [p[:-1] for p, _ in seen_leaves]:
+    raise ValueError("fp8 histories and seen amaxes do not pair up")
+  return jax.tree.unflatten(treedef, [push_amax(h, seen_amax(s)) for (_, h), (_, s) in zip(hist_leaves, seen_leaves)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,13 +170,19 @@ def history_scales(history_kh: jax.Array) -> jax.Array:
 
 class Fp8History(nnx.Variable):
   """Amax history of one fp8 matmul, float32 [3, fp8_history]: rows input, kernel and output
-  gradient (INPUT, KERNEL, GRAD), column 0 the newest. Not a parameter: the optimizer never
-  sees it; the train step replaces it with the history its backward pass returns."""
+  gradient (INPUT, KERNEL, GRAD), column 0 the newest, each amax rounded up to the top of its
+  power-of-two scale's range. Not a parameter: the optimizer never sees it."""
 
 
-def new_history(length: int) -> Fp8History:
+class Fp8Seen(nnx.Variable):
+  """All zeros, [3, SCALE_BINS]: its gradient counts, per tensor, the scale exponents this
+  step's uses needed. Not stored in the train state; see the module docstring."""
+
+
+def new_fp8_state(length: int) -> tuple[Fp8History, Fp8Seen]:
   # Zeros mean "no amax seen": the first step uses scale 1 (see scale_for).
-  return Fp8History(jnp.zeros((3, length), jnp.float32), out_sharding=(None, None))
+  return (Fp8History(jnp.zeros((3, length), jnp.float32), out_sharding=(None, None)),
+          Fp8Seen(jnp.zeros((3, SCALE_BINS), jnp.float32), out_sharding=(None, None)))
 
 
 def split_equation(equation: str) -> tuple[str, str, str]:
@@ -157,11 +207,12 @@ def _scaled_einsum(equation: str, a: jax.Array, b: jax.Array, scale: jax.Array, 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fp8_einsum(equation: str, x: jax.Array, w: jax.Array, history: jax.Array | None) -> jax.Array:
-  return _fp8_einsum_fwd(equation, x, w, history)[0]
+def _fp8_einsum(equation: str, x: jax.Array, w: jax.Array, history: jax.Array | None,
+                seen: jax.Array | None) -> jax.Array:
+  return _fp8_einsum_fwd(equation, x, w, history, seen)[0]
 
 
-def _fp8_einsum_fwd(equation, x, w, history):
+def _fp8_einsum_fwd(equation, x, w, history, seen):
   amax_x, amax_w = amax(x), amax(w)
   if history is None:
     s_x, s_w, s_g = scale_for(amax_x, FORWARD_FP8), scale_for(amax_w, FORWARD_FP8), None
@@ -182,66 +233,31 @@ def _fp8_einsum_bwd(equation, residuals, g):
   dx = _scaled_einsum(f"{out},{rhs}->{lhs}", q_g, q_w, s_g * s_w, g.dtype)
   dw = _scaled_einsum(f"{lhs},{out}->{rhs}", q_x, q_g, s_x * s_g, g.dtype)
   if history is None:
-    return dx, dw, None
-  # The history's "gradient" is the history itself with this step's amaxes pushed in.
-  new = push_amax(jax.lax.convert_element_type(history, jnp.float32), jnp.stack([amax_x, amax_w, amax_g]))
-  return dx, dw, jax.lax.convert_element_type(new, history.dtype)
+    return dx, dw, None, None
+  # The scales are piecewise constant in the history: its true gradient is zero. The seen
+  # port's "gradient" is what this use observed, unless its output did not matter (g == 0).
+  seen = scale_one_hot(jnp.stack([amax_x, amax_w, amax_g])) * (amax_g > 0)
+  return dx, dw, jnp.zeros_like(history), seen
 
 
 _fp8_einsum.defvjp(_fp8_einsum_fwd, _fp8_einsum_bwd)
 
 
-def fp8_einsum(equation: str, x: jax.Array, w: jax.Array, history: jax.Array | None = None) -> jax.Array:
+def fp8_einsum(equation: str, x: jax.Array, w: jax.Array, history: jax.Array | None = None,
+               seen: jax.Array | None = None) -> jax.Array:
   """einsum(equation, x, w) with both operands in e4m3 and the output gradient in e5m2.
 
-  `history` None: current scaling. Otherwise delayed scaling from the [3, length] amax
-  history (float32, or fp32_max_grad inside a differentiated function); the gradient with
-  respect to it is the history with this step's amaxes pushed in. x and w must share a
-  dtype, which is the output's (the GEMM accumulates in float32 regardless).
+  Current scaling without `history`; delayed scaling from the [3, length] amax history with
+  it, and then the gradient with respect to `seen` ([3, SCALE_BINS], zeros) records this
+  use's amaxes (see update_histories). x and w must share a dtype, which is the output's (the
+  GEMM accumulates in float32 regardless).
   """
   split_equation(equation)
   if x.dtype != w.dtype:
     raise ValueError(f"fp8 einsum '{equation}': operand dtypes differ ({x.dtype}, {w.dtype})")
-  return _fp8_einsum(equation, x, w, history)
-
-
-def max_combining(fp8_state: Any) -> Any:
-  """The fp8 state in the dtype whose cotangents add by max: apply inside the function being
-  differentiated, before the model reads it, so that every use of a history (scan bodies,
-  pipeline micro-batches) combines its new amaxes by max."""
-  return jax.tree.map(lambda h: jax.lax.convert_element_type(h, fp32_max_grad), fp8_state)
-
-
-def index_layer(a: jax.Array, i: int) -> jax.Array:
-  """a[i] along the leading (layers) axis, also for state converted by `max_combining`, whose
-  slices JAX cannot transpose (the fill value of a padded fp32_max_grad array is undefined)."""
-  if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.extended):
-    return jax.lax.index_in_dim(a, i, keepdims=False)
-  return _index_max_combining(a, i)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _index_max_combining(a: jax.Array, i: int) -> jax.Array:
-  return jax.lax.convert_element_type(
-      jax.lax.index_in_dim(jax.lax.convert_element_type(a, jnp.float32), i, keepdims=False), a.dtype)
-
-
-def _index_max_combining_fwd(a, i):
-  return _index_max_combining(a, i), jnp.zeros(a.shape, jnp.float32)
-
-
-def _index_max_combining_bwd(i, zeros, ct):
-  # -inf is "nothing seen" under max: the other layers' slices are filled in by their own uses.
-  full = jnp.full_like(zeros, -jnp.inf).at[i].set(jax.lax.convert_element_type(ct, jnp.float32))
-  return (jax.lax.convert_element_type(full, ct.dtype),)
-
-
-_index_max_combining.defvjp(_index_max_combining_fwd, _index_max_combining_bwd)
-
-
-def combine_fp8_updates(a: Any, b: Any) -> Any:
-  """Combines the new fp8 state of two micro-batches of one step: elementwise max."""
-  return jax.tree.map(jnp.maximum, a, b)
+  if (history is None) != (seen is None):
+    raise ValueError(f"fp8 einsum '{equation}': delayed scaling needs both history and seen")
+  return _fp8_einsum(equation, x, w, history, seen)
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from paxlite.config import Config, ConfigError
 from paxlite.mesh import describe, make_mesh
 from paxlite.metrics import MetricsWriter, Progress, Timer, flops_per_token, peak_flops_for
 from paxlite.models.transformer import Transformer
-from paxlite.numerics import (DtypePolicy, Fp8History, LossScaler, all_finite, combine_fp8_updates, max_combining,
-                              select_tree)
+from paxlite.numerics import DtypePolicy, Fp8History, Fp8Seen, LossScaler, all_finite, select_tree, update_histories
+from paxlite.pipeline import Schedule
 from paxlite.partitioning import axis_rules, constrain, resolve, variable_names, path_str
 
 ModelFn = Callable[[nnx.Rngs], nnx.Module]
@@ -42,16 +42,24 @@ def _no_eager_sharding():
   return use(False) if use is not None else contextlib.nullcontext()
 
 
+def pipeline_schedule(cfg: Config) -> Schedule | None:
+  """The pipeline schedule a config asks for, None without pipeline stages."""
+  if cfg.mesh.stage <= 1:
+    return None
+  return Schedule(cfg.mesh.stage, cfg.pipeline.microbatches, cfg.pipeline.repeats)
+
+
 def default_model_fn(cfg: Config) -> ModelFn:
   policy = DtypePolicy.from_config(cfg.precision)
-  return lambda rngs: Transformer(cfg.model, policy, rngs=rngs)
+  schedule = pipeline_schedule(cfg)
+  return lambda rngs: Transformer(cfg.model, policy, rngs=rngs, pipeline=schedule)
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-  """(graph definition, parameters, fp8 state): every variable that is not an Fp8History is
-  a parameter the optimizer updates."""
-  graphdef, fp8, params = nnx.split(model, Fp8History, ...)
-  return graphdef, params, fp8
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
+  """(graph definition, parameters, fp8 amax histories, fp8 seen ports): every variable that
+  is not fp8 state is a parameter the optimizer updates."""
+  graphdef, fp8, seen, params = nnx.split(model, Fp8History, Fp8Seen, ...)
+  return graphdef, params, fp8, seen
 
 
 def _pure_dict(state: nnx.State) -> dict:
@@ -155,15 +163,17 @@ class Trainer:
 
     with _no_eager_sharding():
       abstract_model = nnx.eval_shape(lambda: self.model_fn(nnx.Rngs(cfg.run.seed)))
-    self.graphdef, abstract_params, abstract_fp8 = split_model(abstract_model)
+    self.graphdef, abstract_params, abstract_fp8, abstract_seen = split_model(abstract_model)
     self.param_specs, self.logical_names = param_layout(abstract_params, self.rules, self.mesh)
     self.param_shapes = _pure_dict(abstract_params)
     self.fp8_shapes = _pure_dict(abstract_fp8)
+    self.seen_shapes = _pure_dict(abstract_seen)
+    self.seen_shardings = self._named(param_layout(abstract_seen, self.rules, self.mesh)[0])
     self.loss_scaler = LossScaler.from_config(cfg.precision)
     self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(self.param_shapes))
 
     self.tx = make_optimizer(cfg, self.logical_names)
-    self.schedule = lr_schedule(cfg)
+    self.lr_schedule = lr_schedule(cfg)
     param_shardings = self._named(self.param_specs)
     abstract_opt = jax.eval_shape(self.tx.init, self.param_shapes)
     param_treedef = jax.tree.structure(self.param_shapes)
@@ -181,11 +191,13 @@ class Trainer:
       self.state_shardings["loss_scale"] = jax.tree.map(lambda _: replicated, self.loss_scaler.init())
 
     batch, accum = cfg.train.batch_size, cfg.train.grad_accum
+    self.pipeline = pipeline_schedule(cfg)
+    micro = accum * (self.pipeline.microbatches if self.pipeline else 1)
     ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    if (batch // accum) % ways:
+    if (batch // micro) % ways:
       raise ConfigError(
-          f"train.batch_size: {batch} sequences over {accum} micro-batches gives {batch // accum} per "
-          f"micro-batch, which data x fsdp = {ways} devices do not divide"
+          f"train.batch_size: {batch} sequences over {micro} micro-batches (grad_accum x pipeline.microbatches) "
+          f"gives {batch // micro} per micro-batch, which data x fsdp = {ways} devices do not divide"
       )
     self.batch_sharding = NamedSharding(
         self.mesh, resolve(("batch", "length"), self.rules, what="input batch")
@@ -223,7 +235,7 @@ class Trainer:
     def create():
       with _no_eager_sharding():
         model = self.model_fn(nnx.Rngs(self.cfg.run.seed))
-      _, params, fp8 = split_model(model)
+      _, params, fp8, _ = split_model(model)
       return self._new_state(_pure_dict(params), _pure_dict(fp8))
 
     with self.activate():
@@ -245,28 +257,30 @@ class Trainer:
     """The NNX module holding `params` and `fp8` (default: the current train state's)."""
     params = self.state["params"] if params is None else params
     fp8 = self.state.get("fp8", {}) if fp8 is None else fp8
-    return self._merge(params, fp8)
+    return nnx.merge(self.graphdef, params, fp8, self._unseen())
 
-  def _merge(self, params: Any, fp8: Any) -> nnx.Module:
-    return nnx.merge(self.graphdef, params, fp8) if fp8 else nnx.merge(self.graphdef, params)
+  def _unseen(self) -> Any:
+    """Zeros for every Fp8Seen port: what the model reads; their gradients are what it saw."""
+    return jax.tree.map(lambda s, sharding: jax.lax.with_sharding_constraint(jnp.zeros(s.shape, s.dtype), sharding),
+                        self.seen_shapes, self.seen_shardings)
 
   # -- compiled functions ----------------------------------------------------------------
 
-  def _loss_fn(self, params: Any, fp8: Any, tokens_bt: jax.Array, loss_scale: jax.Array | None = None):
-    """(loss to differentiate, cross-entropy). The gradient with respect to `fp8` is the new
-    fp8 state (see paxlite.numerics)."""
-    model = self._merge(params, max_combining(fp8))
+  def _loss_fn(self, params: Any, seen: Any, fp8: Any, tokens_bt: jax.Array, loss_scale: jax.Array | None = None):
+    """(loss to differentiate, cross-entropy). The gradient with respect to `seen` records the
+    fp8 amaxes of this step (see paxlite.numerics)."""
+    model = nnx.merge(self.graphdef, params, fp8, seen)
     logits_btv = model(tokens_bt[:, :-1])
     nll, total = cross_entropy(logits_btv, tokens_bt[:, 1:], self.cfg.train.z_loss)
     return (total if loss_scale is None else total * loss_scale), nll
 
   def _step_fn(self, state: dict[str, Any], batch_bt: jax.Array) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-    params, fp8 = state["params"], state.get("fp8", {})
+    params, fp8, unseen = state["params"], state.get("fp8", {}), self._unseen()
     loss_scale = state["loss_scale"]["scale"] if self.loss_scaler is not None else None
     grad_fn = jax.value_and_grad(self._loss_fn, argnums=(0, 1), has_aux=True)
     accum = self.cfg.train.grad_accum
     if accum == 1:
-      (_, nll), (grads, new_fp8) = grad_fn(params, fp8, batch_bt, loss_scale)
+      (_, nll), (grads, seen) = grad_fn(params, unseen, fp8, batch_bt, loss_scale)
     else:
       # Micro-batch a takes rows a, a+A, a+2A, ...: each device's rows split evenly across
       # micro-batches, so the reshape needs no data movement between devices.
@@ -274,15 +288,13 @@ class Trainer:
       micro_abt = constrain(batch_bt.reshape(b // accum, accum, t).swapaxes(0, 1), (None, "batch", "length"))
 
       def accumulate(carry, tokens_bt):
-        grad_sum, fp8_max, nll_sum = carry
-        (_, nll), (grads, new_fp8) = grad_fn(params, fp8, tokens_bt, loss_scale)
-        # Gradients add up; amax histories combine by max (the largest amax of any micro-batch).
-        return (jax.tree.map(jnp.add, grad_sum, grads), combine_fp8_updates(fp8_max, new_fp8), nll_sum + nll), None
+        grad_sum, seen_sum, nll_sum = carry
+        (_, nll), (grads, seen) = grad_fn(params, unseen, fp8, tokens_bt, loss_scale)
+        # Seen amaxes add up like gradients: counts of one-hot scales, whose top is the max.
+        return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, seen_sum, seen), nll_sum + nll), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-      no_amax = jax.tree.map(jnp.zeros_like, fp8)  # amaxes are >= 0: zero is max's identity here
-      (grad_sum, new_fp8, nll_sum), _ = jax.lax.scan(
-          accumulate, (zeros, no_amax, jnp.zeros((), jnp.float32)), micro_abt)
+      (grad_sum, seen, nll_sum), _ = jax.lax.scan(accumulate, (zeros, unseen, jnp.zeros((), jnp.float32)), micro_abt)
       grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, params)
       nll = nll_sum / accum
     if loss_scale is not None:
@@ -291,8 +303,8 @@ class Trainer:
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
     if fp8:
-      new_state["fp8"] = new_fp8
-    metrics = {"loss": nll, "grad_norm": grad_norm, "lr": self.schedule(state["step"])}
+      new_state["fp8"] = update_histories(fp8, seen)
+    metrics = {"loss": nll, "grad_norm": grad_norm, "lr": self.lr_schedule(state["step"])}
     if self.loss_scaler is not None:
       # Overflowed gradients: keep parameters, optimizer and fp8 state; the step still counts.
       finite = all_finite(grads)
@@ -303,7 +315,7 @@ class Trainer:
     return new_state, metrics
 
   def _eval_fn(self, params: Any, fp8: Any, batch_bt: jax.Array) -> jax.Array:
-    return self._loss_fn(params, fp8, batch_bt)[1]
+    return self._loss_fn(params, self._unseen(), fp8, batch_bt)[1]
 
   def step(self, batch: np.ndarray) -> dict[str, jax.Array]:
     """One optimizer step on a host batch (this process's rows); updates self.state."""
@@ -414,6 +426,8 @@ class Trainer:
           record.update(self._speed(timer.lap() / steps_since_log))
           if done == 1:
             record["compile_s"] = compile_s
+          if self.pipeline is not None:
+            record["pipeline_bubble"] = self.pipeline.bubble
           steps_since_log = 0
           if cfg.eval.every and (done % cfg.eval.every == 0 or last):
             record["eval_loss"] = self.evaluate()
@@ -455,6 +469,10 @@ class Trainer:
         f"batch {cfg.train.batch_size}x{cfg.model.seq_len}",
         f"compile {compile_s:.1f}s",
     ]
+    if self.pipeline is not None:
+      p = self.pipeline
+      parts.append(f"pipeline {cfg.pipeline.schedule} P={p.stages} M={p.microbatches} R={p.repeats} "
+                   f"bubble {p.bubble:.3f}")
     if resumed_from is not None:
       parts.append(f"resumed from step {resumed_from}")
     return " | ".join(parts)

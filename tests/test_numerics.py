@@ -64,6 +64,25 @@ def test_amax_history_push_and_max():
   assert float(s_g) == float(nx.scale_for(jnp.float32(2.0), E5M2))
 
 
+def test_seen_one_hots_sum_to_the_max_scale():
+  uses = [jnp.array([3.0, 0.02, 1e-3]), jnp.array([700.0, 0.01, 0.0]), jnp.array([5.0, 0.03, 2e-5])]
+  seen = sum(nx.scale_one_hot(a) for a in uses)
+  assert float(seen.sum()) == 8  # one per tensor and use, nothing for the zero gradient amax
+  got = nx.seen_amax(seen)
+  # The decoded amax is the top of the largest needed scale's range: it gives back that scale.
+  for row, dtype in enumerate(nx.ROW_DTYPES):
+    largest = max(float(a[row]) for a in uses)
+    assert float(nx.scale_for(got[row], dtype)) == float(nx.scale_for(jnp.float32(largest), dtype))
+    assert largest <= float(got[row]) < 2 * largest
+  np.testing.assert_array_equal(np.asarray(nx.seen_amax(jnp.zeros((3, nx.SCALE_BINS)))), [0, 0, 0])
+  # Stacked layers and pairing with the histories by path.
+  hist = {"q": {"fp8_history": jnp.zeros((2, 3, 4))}}
+  seen2 = {"q": {"fp8_seen": jnp.stack([seen, jnp.zeros_like(seen)])}}
+  new = nx.update_histories(hist, seen2)["q"]["fp8_history"]
+  np.testing.assert_array_equal(np.asarray(new[0, :, 0]), np.asarray(got))
+  assert float(jnp.abs(new[1]).max()) == 0.0 and float(jnp.abs(new[:, :, 1:]).max()) == 0.0
+
+
 EQ = "btd,dnh->btnh"
 
 
@@ -80,59 +99,75 @@ def rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
+def unseen():
+  return jnp.zeros((3, nx.SCALE_BINS))
+
+
 def test_fp8_einsum_close_to_float32_and_current_equals_primed_delayed(operands):
   x, w, g = operands
   exact = jnp.einsum(EQ, x, w)
   dx, dw = jax.grad(lambda x, w: jnp.sum(jnp.einsum(EQ, x, w) * g), (0, 1))(x, w)
-  f8 = lambda x, w, h: jnp.sum(nx.fp8_einsum(EQ, x, w, h) * g)
-  cur_dx, cur_dw = jax.grad(f8, (0, 1))(x, w, None)
+  cur = lambda x, w: jnp.sum(nx.fp8_einsum(EQ, x, w) * g)
+  delayed = lambda x, w, h, seen: jnp.sum(nx.fp8_einsum(EQ, x, w, h, seen) * g)
+  cur_dx, cur_dw = jax.grad(cur, (0, 1))(x, w)
   assert rel(nx.fp8_einsum(EQ, x, w), exact) < 0.05
   assert rel(cur_dx, dx) < 0.1 and rel(cur_dw, dw) < 0.1  # e5m2 gradients: 2 mantissa bits
 
-  # Delayed scaling from an empty history returns the history with this step's amaxes pushed in.
+  # Delayed scaling from an empty history: the seen port's gradient records this use's scales.
   empty = jnp.zeros((3, 5))
-  _, _, new = jax.grad(f8, (0, 1, 2))(x, w, empty)
-  expected = [float(nx.amax(x)), float(nx.amax(w)), float(nx.amax(g))]
-  np.testing.assert_allclose(np.asarray(new[:, 0]), expected, rtol=1e-6)
+  _, _, d_hist, seen = jax.grad(delayed, (0, 1, 2, 3))(x, w, empty, unseen())
+  assert float(jnp.abs(d_hist).max()) == 0.0
+  new = nx.update_histories({"h": empty}, {"h": seen})["h"]
+  for row, a in enumerate([nx.amax(x), nx.amax(w), nx.amax(g)]):
+    assert float(nx.scale_for(new[row, 0], nx.ROW_DTYPES[row])) == float(nx.scale_for(a, nx.ROW_DTYPES[row]))
   assert float(jnp.abs(new[:, 1:]).max()) == 0.0
   # With that history, delayed scaling uses the very scales current scaling computes.
-  del_dx, del_dw, _ = jax.grad(f8, (0, 1, 2))(x, w, new)
-  np.testing.assert_array_equal(np.asarray(nx.fp8_einsum(EQ, x, w, new)), np.asarray(nx.fp8_einsum(EQ, x, w)))
+  del_dx, del_dw, _, _ = jax.grad(delayed, (0, 1, 2, 3))(x, w, new, unseen())
+  np.testing.assert_array_equal(np.asarray(nx.fp8_einsum(EQ, x, w, new, unseen())),
+                                np.asarray(nx.fp8_einsum(EQ, x, w)))
   np.testing.assert_array_equal(np.asarray(del_dx), np.asarray(cur_dx))
   np.testing.assert_array_equal(np.asarray(del_dw), np.asarray(cur_dw))
 
 
 def test_fp8_einsum_in_bfloat16_keeps_dtypes(operands):
   x, w, g = (a.astype(jnp.bfloat16) for a in operands)
-  y = nx.fp8_einsum(EQ, x, w, jnp.zeros((3, 4)))
+  y = nx.fp8_einsum(EQ, x, w, jnp.zeros((3, 4)), unseen())
   assert y.dtype == jnp.bfloat16
-  dx, dw, dh = jax.grad(lambda x, w, h: jnp.sum(nx.fp8_einsum(EQ, x, w, h).astype(jnp.float32) * g), (0, 1, 2))(
-      x, w, jnp.zeros((3, 4)))
-  assert (dx.dtype, dw.dtype, dh.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
-  assert rel(dx.astype(jnp.float32), jax.grad(lambda x: jnp.sum(jnp.einsum(EQ, x, w).astype(jnp.float32) * g))(
-      x).astype(jnp.float32)) < 0.1
+  loss = lambda x, w, s: jnp.sum(nx.fp8_einsum(EQ, x, w, jnp.zeros((3, 4)), s).astype(jnp.float32) * g)
+  dx, dw, seen = jax.grad(loss, (0, 1, 2))(x, w, unseen())
+  assert (dx.dtype, dw.dtype, seen.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  exact_dx = jax.grad(lambda x: jnp.sum(jnp.einsum(EQ, x, w).astype(jnp.float32) * g))(x)
+  assert rel(dx.astype(jnp.float32), exact_dx.astype(jnp.float32)) < 0.1
 
 
-def test_history_used_many_times_combines_by_max_not_sum_or_last(operands):
+def test_a_layer_used_many_times_records_the_max_not_sum_or_last(operands):
   """One layer applied to several micro-batches inside one differentiated function (a
-  pipeline stage, a closure in a scan): its new history takes the largest amax of any use."""
+  pipeline stage, a closure in a scan): its history gets the largest amax of any use."""
   x, w, g = operands
-  xs = jnp.stack([x, 5.0 * x, 0.5 * x])  # the middle micro-batch has the largest amax
+  xs = jnp.stack([x, 5.0 * x, 0.5 * x])  # the middle micro-batch has the largest input amax
   gs = jnp.stack([g, 0.1 * g, 3.0 * g])  # and the last the largest gradient
 
-  def loss(history):
-    h = nx.max_combining(history)
-
+  def loss(seen):
     def body(total, xg):
       xi, gi = xg
-      return total + jnp.sum(nx.fp8_einsum(EQ, xi, w, h) * gi), None
+      return total + jnp.sum(nx.fp8_einsum(EQ, xi, w, jnp.zeros((3, 4)), seen) * gi), None
 
     return jax.lax.scan(body, 0.0, (xs, gs))[0]
 
-  new = jax.jit(jax.grad(loss))(jnp.zeros((3, 4)))
-  assert new.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(new[:, 0]), [5 * float(nx.amax(x)), float(nx.amax(w)), 3 * float(nx.amax(g))],
-                             rtol=1e-6)
+  seen = jax.jit(jax.grad(loss))(unseen())
+  new = nx.seen_amax(seen)
+  expected = [5 * nx.amax(x), nx.amax(w), 3 * nx.amax(g)]
+  for row, a in enumerate(expected):
+    assert float(nx.scale_for(new[row], nx.ROW_DTYPES[row])) == float(nx.scale_for(a, nx.ROW_DTYPES[row]))
+  # The last use alone (or the first) would have needed smaller input / gradient scales.
+  assert float(nx.scale_for(0.5 * nx.amax(x), E4M3)) < float(nx.scale_for(new[0], E4M3))
+  assert float(nx.scale_for(nx.amax(g), E5M2)) < float(nx.scale_for(new[2], E5M2))
+
+
+def test_an_unused_output_records_nothing(operands):
+  x, w, _ = operands
+  seen = jax.grad(lambda s: 0.0 * jnp.sum(nx.fp8_einsum(EQ, x, w, jnp.zeros((3, 4)), s)))(unseen())
+  assert float(jnp.abs(seen).max()) == 0.0
 
 
 def test_split_equation_checks_projections():

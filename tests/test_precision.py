@@ -11,7 +11,7 @@ import pytest
 
 from paxlite.config import load_config
 from paxlite.mesh import make_mesh
-from paxlite.numerics import count_gemms
+from paxlite.numerics import FORWARD_FP8, count_gemms, scale_for
 from paxlite.trainer import Trainer
 
 SMALL = {
@@ -20,6 +20,9 @@ SMALL = {
     "train.lr": 1e-2, "train.warmup_steps": 1, "train.steps": 3,
 }
 DECODER_MATMULS = 7  # q, k, v, o, gate, up, down
+# Another layout changes float32 sums in the last bit; an fp8 rounding that flips on such a
+# difference moves a value by up to 1/16 of itself, so fp8 losses agree to 1e-4, not 1e-5.
+FP8_RTOL = 1e-4
 
 
 def batches(n=3, batch=16, seq=32, seed=0):
@@ -114,7 +117,7 @@ def test_grad_accumulation_combines_amax_histories_by_max():
   for c, a, b in zip(jax.tree.leaves(combined), first, last):
     np.testing.assert_allclose(c, np.maximum(a, b), rtol=1e-6)
   newest = lambda leaves: np.stack([x[..., 0] for x in leaves])
-  assert (newest(first) > newest(last) * 1.01).any() and (newest(last) > newest(first) * 1.01).any()
+  assert (newest(first) > newest(last)).any() and (newest(last) > newest(first)).any()
   assert float(np.concatenate([x[..., 1:].ravel() for x in jax.tree.leaves(combined)]).max()) == 0.0
 
 
@@ -135,9 +138,12 @@ def test_delayed_state_shapes_and_values(delayed_reference):
   assert opt_paths and not any("fp8" in p for p in opt_paths)  # the optimizer never sees it
   h = np.asarray(q)
   assert (h[:, :, :3] > 0).all() and (h[:, :, 3:] == 0).all()  # three steps pushed, newest first
-  # The oldest entry of the kernel row is the amax of each layer's initial weights.
-  initial = np.asarray(trainer.init_state()["params"]["blocks"]["attn"]["q"]["kernel"])
-  np.testing.assert_allclose(h[:, 1, 2], np.abs(initial).max(axis=(1, 2, 3)), rtol=1e-6)
+  # The oldest entry of the kernel row is the amax of each layer's initial weights, rounded up
+  # to the top of its power-of-two scale's range.
+  initial = np.abs(np.asarray(trainer.init_state()["params"]["blocks"]["attn"]["q"]["kernel"])).max(axis=(1, 2, 3))
+  scales = [float(scale_for(jnp.float32(a), FORWARD_FP8)) for a in initial]
+  np.testing.assert_array_equal(h[:, 1, 2], np.array(scales) * 448.0)
+  assert (initial <= h[:, 1, 2]).all() and (h[:, 1, 2] < 2 * initial).all()
   assert losses[-1] < losses[0]
 
 
@@ -145,18 +151,28 @@ def test_unrolled_layers_give_the_scanned_fp8_state(delayed_reference):
   trainer, losses = delayed_reference
   unrolled = make_trainer({"precision.fp8": "delayed", "precision.fp8_history": 8, "model.scan_layers": False,
                            "model.remat": "full"})
-  np.testing.assert_allclose([float(unrolled.step(b)["loss"]) for b in batches()], losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), get(unrolled.state["fp8"]),
-               get(trainer.state["fp8"]))
+  np.testing.assert_allclose([float(unrolled.step(b)["loss"]) for b in batches()], losses, rtol=FP8_RTOL)
+  jax.tree.map(np.testing.assert_array_equal, get(unrolled.state["fp8"]), get(trainer.state["fp8"]))
 
 
 def test_sharded_fp8_state_matches_single_device(delayed_reference):
   trainer, losses = delayed_reference
   sharded = make_trainer({"precision.fp8": "delayed", "precision.fp8_history": 8, "mesh.data": 2, "mesh.fsdp": 2,
                           "mesh.tensor": 2}, single_device=False)
-  np.testing.assert_allclose([float(sharded.step(b)["loss"]) for b in batches()], losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), get(sharded.state["fp8"]),
-               get(trainer.state["fp8"]))
+  np.testing.assert_allclose([float(sharded.step(b)["loss"]) for b in batches()], losses, rtol=FP8_RTOL)
+  jax.tree.map(np.testing.assert_array_equal, get(sharded.state["fp8"]), get(trainer.state["fp8"]))
+
+
+def test_pipelined_fp8_state_matches_single_device():
+  """Each pipeline stage runs its layers once per micro-batch inside one differentiated step:
+  the histories still record each tensor's largest scale, as one device running the batch."""
+  fp8 = {"precision.fp8": "delayed", "precision.fp8_history": 4, "model.num_layers": 4}
+  reference = make_trainer(fp8)
+  piped = make_trainer({**fp8, "mesh.stage": 2, "mesh.data": 4, "pipeline.microbatches": 2}, single_device=False)
+  for b in batches(n=2):
+    np.testing.assert_allclose(float(piped.step(b)["loss"]), float(reference.step(b)["loss"]), rtol=FP8_RTOL)
+  jax.tree.map(np.testing.assert_array_equal, get(piped.state["fp8"]), get(reference.state["fp8"]))
+  assert piped.state["fp8"]["blocks"]["mlp"]["up"]["fp8_history"].addressable_shards[0].data.shape[0] == 2
 
 
 # ---------------------------------------------------------------------------------------
