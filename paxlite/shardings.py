@@ -43,6 +43,9 @@ class ArrayLayout:
   """Parameter path, e.g. 'blocks.attn.q.kernel'; 'tokens' or 'activation' for activations."""
   logical: LogicalNames
   spec: P
+  mesh_axes: tuple[str, ...]
+  """Per dimension, the mesh axes that split it ('data+fsdp'), '-' when none does; axes of
+  size 1 are left out (they are in `spec`, but split nothing)."""
   shape: tuple[int, ...]
   local_shape: tuple[int, ...]
   dtype: str
@@ -56,16 +59,13 @@ class ArrayLayout:
     """Bytes of this array on each device holding a shard."""
     return math.prod(self.local_shape) * np.dtype(self.dtype).itemsize
 
-  @property
-  def mesh_axes(self) -> tuple[str, ...]:
-    """Per dimension: '-' when replicated, else the mesh axes joined by '+' ('data+fsdp')."""
-    return tuple("+".join(a) or "-" for a in _spec_axes(self.spec, len(self.shape)))
-
 
 def _array_layout(name: str, logical: Sequence[str | None], spec: P, shape: Sequence[int], dtype: Any,
                   mesh_shape: dict[str, int]) -> ArrayLayout:
-  local = tuple(d // math.prod(mesh_shape[a] for a in axes) for d, axes in zip(shape, _spec_axes(spec, len(shape))))
-  return ArrayLayout(name, tuple(logical), spec, tuple(shape), local, np.dtype(dtype).name)
+  axes = _spec_axes(spec, len(shape))
+  local = tuple(d // math.prod(mesh_shape[a] for a in dim_axes) for d, dim_axes in zip(shape, axes))
+  splitting = tuple("+".join(a for a in dim_axes if mesh_shape[a] > 1) or "-" for dim_axes in axes)
+  return ArrayLayout(name, tuple(logical), spec, splitting, tuple(shape), local, np.dtype(dtype).name)
 
 
 @dataclasses.dataclass(frozen=True)
