@@ -1,4 +1,4 @@
-"""The `paxlite` command: `paxlite train|shardings CONFIG [key=value ...]`, `paxlite keys`.
+"""The `paxlite` command: `paxlite train|shardings|bench CONFIG [key=value ...]`, `paxlite keys`.
 
 Every user mistake (a bad key, type, size, path or mesh) ends as one line on stderr naming
 the key or file, and exit code 2; no traceback.
@@ -32,9 +32,43 @@ def _parser() -> argparse.ArgumentParser:
   shardings.add_argument("--devices", type=int, default=None, metavar="N",
                          help="device count to lay the mesh over (default: the product of the mesh axes, or "
                               "the devices present when an axis is -1); no devices are needed")
+  bench = sub.add_parser("bench", help="time the compiled train step: tokens/s, TFLOP/s, MFU, memory")
+  bench.add_argument("config", help="YAML config, e.g. configs/bench-1.7b.yaml")
+  bench.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every run")
+  bench.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+  bench.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation (default 3)")
+  bench.add_argument("--runs", nargs="+", metavar="OVERRIDES", default=None,
+                     help='several runs, each a quoted override list, e.g. "model.remat=none" "mesh.fsdp=2"; '
+                          "each runs in its own process")
+  bench.add_argument("--json", action="store_true", help="print only the JSON result line(s)")
+  bench.add_argument("--out", help="also append the JSON result lines to this file")
   keys = sub.add_parser("keys", help="list every config key with its default and meaning")
   keys.add_argument("--markdown", action="store_true", help="print a Markdown table")
   return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+  import json
+
+  from paxlite import bench
+
+  if args.steps < 1 or args.warmup < 0:
+    raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+  cfg = load_config(args.config, args.overrides)  # checks the base config before any run starts
+  if args.runs:
+    for run in args.runs:
+      load_config(args.config, list(args.overrides) + run.split())
+    results = bench.run_in_subprocesses(args.config, args.overrides, args.runs, steps=args.steps, warmup=args.warmup)
+  else:
+    results = [{"run": " ".join(args.overrides), **bench.run_benchmark(cfg, steps=args.steps, warmup=args.warmup)}]
+  lines = [json.dumps(r) for r in results]
+  if args.out:
+    with open(args.out, "a", encoding="utf-8") as f:
+      f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  if not args.json:
+    print(bench.format_table(results))
+  return 1 if any("error" in r for r in results) else 0
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -85,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
       return _train(args)
     if args.command == "shardings":
       return _shardings(args)
+    if args.command == "bench":
+      return _bench(args)
     if args.command == "keys":
       return _keys(args)
   except ConfigError as e:
