@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from paxlite.config import MESH_AXES, Config
 from paxlite.mesh import mesh_sizes
-from paxlite.models.build import ModelFn, default_model_fn, is_spec, layout_model
+from paxlite.models.build import ModelFn, ModelLayout, default_model_fn, is_spec, layout_model
 from paxlite.partitioning import LogicalNames, format_rules, path_str, record_constraints, resolve
 from paxlite.trainer import make_optimizer, opt_state_like
 
@@ -103,7 +103,8 @@ class ShardingTable:
     devices = math.prod(self.mesh_shape.values())
     mesh = " ".join(f"{a}={s}" for a, s in self.mesh_shape.items())
     per_device = self.param_bytes_per_device
-    lines = [f"mesh {mesh} ({devices} device{'' if devices == 1 else 's'})", "", "rules:", format_rules(self.rules), "", "parameters:"]
+    lines = [f"mesh {mesh} ({devices} device{'' if devices == 1 else 's'})", "", "rules:", format_rules(self.rules)]
+    lines += ["", "parameters:"]
     lines += _render(self.params, with_name=True)
     lines += [
         "",
@@ -176,7 +177,7 @@ def explain_sharding(cfg: Config, *, num_devices: int | None = None, model_fn: M
   )
 
 
-def _activations(cfg: Config, layout, mesh_shape: dict[str, int]) -> list[ArrayLayout]:
+def _activations(cfg: Config, layout: ModelLayout, mesh_shape: dict[str, int]) -> list[ArrayLayout]:
   """Input tokens and every distinct (names, shape, dtype) the forward pass constrains."""
   micro_batch = cfg.train.batch_size // cfg.train.grad_accum
   tokens = jax.ShapeDtypeStruct((micro_batch, cfg.model.seq_len), jnp.int32)

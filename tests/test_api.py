@@ -160,14 +160,14 @@ def test_explain_sharding_errors_name_the_key():
 
 
 def test_cli_shardings_prints_the_table(repo_root, capsys):
-  code = cli.main(["shardings", os.path.join(repo_root, "configs", "tiny.yaml"), "mesh.data=2", "mesh.fsdp=4"])
+  tiny = os.path.join(repo_root, "configs", "tiny.yaml")
+  code = cli.main(["shardings", tiny, "mesh.data=2", "mesh.fsdp=4"])
   assert code == 0
   out = capsys.readouterr().out
   assert out.startswith("mesh data=2 fsdp=4 stage=1 tensor=1 (8 devices)")
   line = next(l for l in out.splitlines() if l.startswith("embed.embedding"))
   assert "[256, 128]" in line and "[256, 32]" in line
-  code = cli.main(["shardings", os.path.join(repo_root, "configs", "tiny.yaml"), "mesh.tensor=2", "train.batch_size=128",
-                  "--devices", "256"])
+  code = cli.main(["shardings", tiny, "mesh.tensor=2", "train.batch_size=128", "--devices", "256"])
   assert code == 0 and "(256 devices)" in capsys.readouterr().out
 
 
@@ -260,8 +260,8 @@ def test_custom_module_in_explain_sharding_and_build_model(custom_runs):
 def test_unannotated_custom_parameter_is_an_error_naming_it():
   class Bare(nnx.Module):
     def __init__(self, rngs):
-      self.embed = nnx.Embed(256, 64, embedding_init=nnx.with_partitioning(nnx.initializers.normal(), ("vocab", "embed")),
-                             rngs=rngs)
+      init = nnx.with_partitioning(nnx.initializers.normal(), ("vocab", "embed"))
+      self.embed = nnx.Embed(256, 64, embedding_init=init, rngs=rngs)
       self.out = nnx.Linear(64, 256, use_bias=False, rngs=rngs)
 
   cfg = paxlite.load_config(None, TINY)
