@@ -1,4 +1,4 @@
-"""The `paxlite` command: `paxlite train CONFIG [key=value ...]`.
+"""The `paxlite` command: `paxlite train|shardings|bench CONFIG [key=value ...]`, `paxlite keys`.
 
 Every user mistake (a bad key, type, size, path or mesh) ends as one line on stderr naming
 the key or file, and exit code 2; no traceback.
@@ -26,6 +26,12 @@ def _parser() -> argparse.ArgumentParser:
   train = sub.add_parser("train", help="train (or resume) the run a YAML config describes")
   train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
   train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100 mesh.data=2")
+  shardings = sub.add_parser("shardings", help="print where every parameter and activation lives on the mesh")
+  shardings.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+  shardings.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.fsdp=8")
+  shardings.add_argument("--devices", type=int, default=None, metavar="N",
+                         help="device count to lay the mesh over (default: the product of the mesh axes, or "
+                              "the devices present when an axis is -1); no devices are needed")
   bench = sub.add_parser("bench", help="time the compiled train step: tokens/s, TFLOP/s, MFU, memory")
   bench.add_argument("config", help="YAML config, e.g. configs/bench-1.7b.yaml")
   bench.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every run")
@@ -36,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                           "each runs in its own process")
   bench.add_argument("--json", action="store_true", help="print only the JSON result line(s)")
   bench.add_argument("--out", help="also append the JSON result lines to this file")
+  plot = sub.add_parser("plot", help="draw the loss and learning-rate curves of one or more runs")
+  plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
+  plot.add_argument("--out", default=None, help="image file to write (default RUN_DIR/loss.png of the first run)")
   keys = sub.add_parser("keys", help="list every config key with its default and meaning")
   keys.add_argument("--markdown", action="store_true", help="print a Markdown table")
   return parser
@@ -96,13 +105,35 @@ def _train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _shardings(args: argparse.Namespace) -> int:
+  cfg = load_config(args.config, args.overrides)
+  if args.devices is not None and args.devices < 1:
+    raise ConfigError(f"--devices: expected a positive number of devices, got {args.devices}")
+  from paxlite.shardings import explain_sharding  # imports jax: after the config is known to be good
+
+  print(explain_sharding(cfg, num_devices=args.devices))
+  return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+  from paxlite.plot import plot_runs
+
+  out = args.out or f"{args.run_dirs[0].rstrip('/')}/loss.png"
+  print(f"paxlite: wrote {plot_runs(args.run_dirs, out)}", file=sys.stderr)
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     if args.command == "train":
       return _train(args)
+    if args.command == "shardings":
+      return _shardings(args)
     if args.command == "bench":
       return _bench(args)
+    if args.command == "plot":
+      return _plot(args)
     if args.command == "keys":
       return _keys(args)
   except ConfigError as e:

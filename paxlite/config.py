@@ -215,7 +215,7 @@ class RunConfig:
   tensorboard: bool = True
   """Write TensorBoard event files."""
   progress: str = "auto"
-  """Progress display: auto (a bar on a terminal, plain lines otherwise) | bar | lines."""
+  """Progress display: auto (a bar on a terminal or in a notebook, plain lines otherwise) | bar | lines."""
 
 
 @dataclass

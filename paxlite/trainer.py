@@ -27,80 +27,19 @@ from paxlite.checkpoint import Checkpointer, abstract_like
 from paxlite.config import Config, ConfigError
 from paxlite.mesh import describe, make_mesh
 from paxlite.metrics import MetricsWriter, Progress, Timer, flops_per_token, peak_flops_for
-from paxlite.models.transformer import Transformer
-from paxlite.numerics import DtypePolicy, Fp8History, Fp8Seen, LossScaler, all_finite, select_tree, update_histories
-from paxlite.pipeline import Schedule
-from paxlite.partitioning import axis_rules, constrain, resolve, variable_names, path_str
-
-ModelFn = Callable[[nnx.Rngs], nnx.Module]
+from paxlite.models.build import ModelFn, default_model_fn, init_params, layout_model, pipeline_schedule
+from paxlite.models.build import param_layout  # noqa: F401  (moved there; still importable from here)
+from paxlite.numerics import LossScaler, all_finite, select_tree, update_histories
+from paxlite.partitioning import axis_rules, constrain, resolve
 
 
-def _no_eager_sharding():
-  # Parameters are created under jit with explicit out_shardings from paxlite's own resolver;
-  # NNX's eager sharding (its own resolver, no fallback rules) must stay out of the way.
-  use = getattr(nnx, "use_eager_sharding", None)
-  return use(False) if use is not None else contextlib.nullcontext()
-
-
-def pipeline_schedule(cfg: Config) -> Schedule | None:
-  """The pipeline schedule a config asks for, None without pipeline stages."""
-  if cfg.mesh.stage <= 1:
-    return None
-  return Schedule(cfg.mesh.stage, cfg.pipeline.microbatches, cfg.pipeline.repeats)
-
-
-def default_model_fn(cfg: Config) -> ModelFn:
-  policy = DtypePolicy.from_config(cfg.precision)
-  schedule = pipeline_schedule(cfg)
-  return lambda rngs: Transformer(cfg.model, policy, rngs=rngs, pipeline=schedule)
-
-
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
-  """(graph definition, parameters, fp8 amax histories, fp8 seen ports): every variable that
-  is not fp8 state is a parameter the optimizer updates."""
-  graphdef, fp8, seen, params = nnx.split(model, Fp8History, Fp8Seen, ...)
-  return graphdef, params, fp8, seen
-
-
-def _pure_dict(state: nnx.State) -> dict:
-  """Nested dict of raw arrays: the form params take in optax, Orbax and jit."""
-  return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
-
-
-def _flat_variables(state: nnx.State) -> list[tuple[tuple[Any, ...], Any]]:
-  flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
-  return [(tuple(path), var) for path, var in flat]
-
-
-def _nest(flat: list[tuple[tuple[Any, ...], Any]]) -> dict:
-  out: dict = {}
-  for path, value in flat:
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return out
-
-
-def param_layout(abstract_state: nnx.State, rules, mesh: Mesh) -> tuple[dict, dict]:
-  """(specs, logical names) as pure dicts mirroring the parameter tree."""
-  mesh_shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  specs, names = [], []
-  for path, var in _flat_variables(abstract_state):
-    shape = tuple(var.shape)
-    what = f"parameter '{path_str(path)}' {shape}"
-    logical = variable_names(var)
-    if logical is None:
-      if shape:
-        raise ConfigError(f"{what}: has no logical axis names (create it with nnx.with_partitioning)")
-      logical = ()
-    specs.append((path, resolve(logical, rules, shape=shape, mesh_shape=mesh_shape, what=what)))
-    names.append((path, logical))
-  return _nest(specs), _nest(names)
-
-
-def _is_spec(x: Any) -> bool:
-  return isinstance(x, P)
+def opt_state_like(abstract_opt: Any, param_shapes: Any, params_like: Any, other: Any) -> Any:
+  """A tree shaped like the optimizer state: every subtree shaped like the parameters (Adam's
+  moments) becomes `params_like`, every other leaf (counts) `other`. With shardings, the
+  moments are sharded exactly like their parameters (ZeRO: split over fsdp)."""
+  param_treedef = jax.tree.structure(param_shapes)
+  is_params = lambda node: jax.tree.structure(node) == param_treedef
+  return jax.tree.map(lambda node: params_like if is_params(node) else other, abstract_opt, is_leaf=is_params)
 
 
 def lr_schedule(cfg: Config) -> Callable[[jax.Array], jax.Array]:
@@ -156,37 +95,27 @@ class Trainer:
 
   def __init__(self, cfg: Config, *, model_fn: ModelFn | None = None, mesh: Mesh | None = None):
     self.cfg = cfg
-    self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
+    self.mesh = mesh if mesh is not None else make_mesh(cfg)
     self.rules = cfg.rules
     self.model_fn = model_fn or default_model_fn(cfg)
     self.is_writer = jax.process_index() == 0
 
-    with _no_eager_sharding():
-      abstract_model = nnx.eval_shape(lambda: self.model_fn(nnx.Rngs(cfg.run.seed)))
-    self.graphdef, abstract_params, abstract_fp8, abstract_seen = split_model(abstract_model)
-    self.param_specs, self.logical_names = param_layout(abstract_params, self.rules, self.mesh)
-    self.param_shapes = _pure_dict(abstract_params)
-    self.fp8_shapes = _pure_dict(abstract_fp8)
-    self.seen_shapes = _pure_dict(abstract_seen)
-    self.seen_shardings = self._named(param_layout(abstract_seen, self.rules, self.mesh)[0])
-    self.loss_scaler = LossScaler.from_config(cfg.precision)
-    self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(self.param_shapes))
+    self.layout = layout_model(self.model_fn, self.rules, self.mesh)
+    self.graphdef = self.layout.graphdef
+    self.param_specs, self.logical_names = self.layout.specs, self.layout.logical_names
+    self.param_shapes = self.layout.shapes
+    self.num_params = self.layout.num_params
 
     self.tx = make_optimizer(cfg, self.logical_names)
     self.lr_schedule = lr_schedule(cfg)
-    param_shardings = self._named(self.param_specs)
-    abstract_opt = jax.eval_shape(self.tx.init, self.param_shapes)
-    param_treedef = jax.tree.structure(self.param_shapes)
+    param_shardings = self.layout.shardings(self.mesh)
     replicated = NamedSharding(self.mesh, P())
-    # Optimizer moments mirror the parameters and take their shardings (ZeRO: sharded over fsdp).
-    opt_shardings = jax.tree.map(
-        lambda node: param_shardings if jax.tree.structure(node) == param_treedef else replicated,
-        abstract_opt,
-        is_leaf=lambda node: jax.tree.structure(node) == param_treedef,
-    )
+    opt_shardings = opt_state_like(jax.eval_shape(self.tx.init, self.param_shapes), self.param_shapes,
+                                   param_shardings, replicated)
     self.state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
-    if self.fp8_shapes:
-      self.state_shardings["fp8"] = self._named(param_layout(abstract_fp8, self.rules, self.mesh)[0])
+    if self.layout.fp8_shapes:
+      self.state_shardings["fp8"] = self.layout.shardings(self.mesh, self.layout.fp8_specs)
+    self.loss_scaler = LossScaler.from_config(cfg.precision)
     if self.loss_scaler is not None:
       self.state_shardings["loss_scale"] = jax.tree.map(lambda _: replicated, self.loss_scaler.init())
 
@@ -203,6 +132,7 @@ class Trainer:
         self.mesh, resolve(("batch", "length"), self.rules, what="input batch")
     )
     self.tokens_per_step = batch * cfg.model.seq_len
+    # A custom model's embedding parameters cannot be told apart: its estimate is 6 x all parameters.
     self.flops_per_token = flops_per_token(cfg.model) if model_fn is None else 6.0 * self.num_params
     kind = self.mesh.devices.flat[0].device_kind
     self.peak_flops = cfg.run.peak_flops or peak_flops_for(kind)
@@ -218,9 +148,6 @@ class Trainer:
 
   # -- sharding helpers ------------------------------------------------------------------
 
-  def _named(self, specs: Any) -> Any:
-    return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs, is_leaf=_is_spec)
-
   @contextlib.contextmanager
   def activate(self) -> Iterator[None]:
     """Mesh and rules in force while tracing and running the compiled functions."""
@@ -231,38 +158,38 @@ class Trainer:
 
   def init_state(self) -> dict[str, Any]:
     """Creates parameters and optimizer state directly in their shards on the devices."""
-
-    def create():
-      with _no_eager_sharding():
-        model = self.model_fn(nnx.Rngs(self.cfg.run.seed))
-      _, params, fp8, _ = split_model(model)
-      return self._new_state(_pure_dict(params), _pure_dict(fp8))
-
+    params = init_params(self.model_fn, self.layout, self.mesh, self.rules, self.cfg.run.seed)
     with self.activate():
-      return jax.jit(create, out_shardings=self.state_shardings)()
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
+    rest = self._new_state({})  # step, fp8 histories, loss scale: small
+    rest = jax.device_put(rest, {k: self.state_shardings[k] for k in rest})
+    return {"params": params, "opt_state": opt_state, **rest}
 
-  def _new_state(self, params: Any, fp8: Any) -> dict[str, Any]:
-    state = {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
-    if fp8:
-      state["fp8"] = fp8
+  def _new_state(self, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` with a zero step, and the empty fp8 histories and initial loss scale when used."""
+    state = {**state, "step": jnp.zeros((), jnp.int32)}
+    if self.layout.fp8_shapes:
+      state["fp8"] = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self.layout.fp8_shapes)
     if self.loss_scaler is not None:
       state["loss_scale"] = self.loss_scaler.init()
     return state
 
   def abstract_state(self) -> Any:
-    shapes = jax.eval_shape(lambda: self._new_state(self.param_shapes, self.fp8_shapes))
+    shapes = jax.eval_shape(lambda: self._new_state({"params": self.param_shapes,
+                                                     "opt_state": self.tx.init(self.param_shapes)}))
     return abstract_like(shapes, self.state_shardings)
 
   def model(self, params: Any | None = None, fp8: Any | None = None) -> nnx.Module:
     """The NNX module holding `params` and `fp8` (default: the current train state's)."""
     params = self.state["params"] if params is None else params
-    fp8 = self.state.get("fp8", {}) if fp8 is None else fp8
-    return nnx.merge(self.graphdef, params, fp8, self._unseen())
+    fp8 = self.state.get("fp8") if fp8 is None else fp8
+    return self.layout.merge(params, fp8)
 
   def _unseen(self) -> Any:
     """Zeros for every Fp8Seen port: what the model reads; their gradients are what it saw."""
-    return jax.tree.map(lambda s, sharding: jax.lax.with_sharding_constraint(jnp.zeros(s.shape, s.dtype), sharding),
-                        self.seen_shapes, self.seen_shardings)
+    shardings = self.layout.shardings(self.mesh, self.layout.seen_specs)
+    return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(jnp.zeros(x.shape, x.dtype), s),
+                        self.layout.seen_shapes, shardings)
 
   # -- compiled functions ----------------------------------------------------------------
 
@@ -391,7 +318,18 @@ class Trainer:
 
     Resumes from run.dir's latest checkpoint when there is one. Writes config.yaml,
     metrics.jsonl, TensorBoard events and checkpoints/ into run.dir (process 0 only, except
-    the checkpoint shards). Returns the logged metric records.
+    the checkpoint shards). Returns the logged metric records; `train_iter` streams them.
+    """
+    return list(self.train_iter(steps, resume=resume))
+
+  def train_iter(self, steps: int | None = None, *, resume: bool = True) -> Iterator[dict[str, Any]]:
+    """`train`, yielding each logged metric record as soon as it is written.
+
+    >>> for record in trainer.train_iter(steps=100):
+    ...   losses.append(record["loss"])
+
+    Leaving the loop early stops training after the step just logged (checkpoints already
+    written stay; the final one is only forced when `steps` is reached).
     """
     cfg = self.cfg
     total = cfg.train.steps if steps is None else steps
@@ -410,7 +348,6 @@ class Trainer:
     progress = Progress(total=total, initial=done, mode=cfg.run.progress, enabled=self.is_writer)
     compiled, compile_s = self.compile_step()
     progress.message(self._banner(compile_s, start_step))
-    history: list[dict[str, Any]] = []
     timer, steps_since_log = Timer(), 0
     try:
       while done < total:
@@ -421,6 +358,7 @@ class Trainer:
         steps_since_log += 1
         progress.update()
         last = done == total
+        record = None
         if done % cfg.train.log_every == 0 or last or done == 1:
           record = {k: float(v) for k, v in jax.device_get(metrics).items()}
           record.update(self._speed(timer.lap() / steps_since_log))
@@ -432,7 +370,6 @@ class Trainer:
           if cfg.eval.every and (done % cfg.eval.every == 0 or last):
             record["eval_loss"] = self.evaluate()
             timer.lap()  # evaluation time is not step time
-          history.append({"step": done, **record})
           if writer is not None:
             writer.write(done, record)
           progress.log(done, record)
@@ -440,13 +377,15 @@ class Trainer:
             raise FloatingPointError(f"loss is {record['loss']} at step {done}")
         if last or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
           self.save(force=last)
+        if record is not None:
+          yield {"step": done, **record}
+          timer.lap()  # the caller's time between records is not step time either
     finally:
       if self._checkpointer is not None:
         self._checkpointer.wait()
       progress.close()
       if writer is not None:
         writer.close()
-    return history
 
   def _speed(self, step_time_s: float) -> dict[str, float | None]:
     n = self.mesh.devices.size
