@@ -1,7 +1,9 @@
 """Precision policies in the train step: fp8 matmuls and amax state, fp16 loss scaling,
 checkpointing of both, and convergence against float32 on the stdlib corpus."""
 
+import json
 import os
+import shutil
 from collections import Counter
 
 import jax
@@ -181,12 +183,12 @@ def test_pipelined_fp8_state_matches_single_device():
 
 
 def test_fp16_overflowing_loss_scale_skips_halves_and_trains_on():
-  start = 2.0 ** 40  # d(loss)/d(logits) ~ scale / tokens overflows float16 (max 65504) at once
-  trainer = make_trainer({"precision.compute": "float16", "precision.loss_scale_init": start, "train.steps": 40,
+  start = 2.0 ** 28  # d(loss)/d(logits) ~ scale / 512 tokens overflows float16 (max 65504) at once
+  trainer = make_trainer({"precision.compute": "float16", "precision.loss_scale_init": start, "train.steps": 25,
                           "train.warmup_steps": 2, "train.lr": 3e-3})
   init = get(trainer.init_state())
   trainer.state = jax.device_put(init, trainer.state_shardings)
-  data = batches(n=40, seed=1)
+  data = batches(n=25, seed=1)
   first = get(trainer.step(data[0]))
   assert first["loss_scale"] == start and first["skipped_steps"] == 1 and not np.isfinite(first["grad_norm"])
   state = get(trainer.state)
@@ -195,9 +197,9 @@ def test_fp16_overflowing_loss_scale_skips_halves_and_trains_on():
   jax.tree.map(np.testing.assert_array_equal, state["opt_state"], init["opt_state"])
   records = [first] + [get(trainer.step(b)) for b in data[1:]]
   skipped = int(records[-1]["skipped_steps"])
-  assert 1 < skipped < 30
+  assert 1 < skipped < 20
   assert float(trainer.state["loss_scale"]["scale"]) == start / 2 ** skipped
-  assert all(r["skipped_steps"] == skipped for r in records[skipped:])  # recovered for good
+  assert all(r["skipped_steps"] == skipped for r in records[-10:])  # then trains on without skipping
   assert np.isfinite([r["loss"] for r in records]).all()
   assert records[-1]["loss"] < records[skipped]["loss"] - 0.5
 
@@ -213,21 +215,18 @@ def test_fp8_and_loss_scale_state_checkpoint_and_resume(tmp_path, data_cache):
          "train.lr": 3e-3, "train.log_every": 1, "data.max_files": 20, "eval.every": 0, "checkpoint.every": 2,
          "run.tensorboard": False, "train.steps": 4}
   cfg = lambda d: load_config(None, {**run, "run.dir": str(tmp_path / d)})
-  mesh = lambda c: make_mesh(c.mesh, jax.devices()[:1])
-  straight = Trainer(cfg("a"), mesh=mesh(cfg("a")))
-  reference = straight.train()
-  Trainer(cfg("b"), mesh=mesh(cfg("b"))).train(steps=2)
-  resumed = Trainer(cfg("b"), mesh=mesh(cfg("b")))
-  second = resumed.train()
+  straight = Trainer(cfg("a"), mesh=make_mesh(cfg("a").mesh, jax.devices()[:1]))
+  reference = straight.train()  # checkpoints 2 and 4
+  shutil.copytree(tmp_path / "a" / "checkpoints" / "2", tmp_path / "b" / "checkpoints" / "2")
+  resumed = Trainer(cfg("b"), mesh=make_mesh(cfg("b").mesh, jax.devices()[:1]))
+  second = resumed.train()  # from checkpoint 2, as a new process would
   assert [r["step"] for r in second] == [3, 4]
   np.testing.assert_array_equal([r["loss"] for r in second], [r["loss"] for r in reference[2:]])
   jax.tree.map(np.testing.assert_array_equal, get(resumed.state["fp8"]), get(straight.state["fp8"]))
   assert get(resumed.state["loss_scale"]) == get(straight.state["loss_scale"])
-  # Period 2: the scale doubled twice in four finite steps; metrics.jsonl logs it.
+  # Period 2: the scale doubles after every second finite step; metrics.jsonl logs the one used.
   assert [r["loss_scale"] for r in reference] == [32768.0, 32768.0, 65536.0, 65536.0]
   assert all(r["skipped_steps"] == 0 for r in reference)
-  import json
-
   with open(tmp_path / "a" / "metrics.jsonl") as f:
     logged = [json.loads(line) for line in f]
   assert [r["loss_scale"] for r in logged] == [32768.0, 32768.0, 65536.0, 65536.0]
