@@ -103,18 +103,18 @@ def run_in_subprocesses(config_path: str, base_overrides: Sequence[str], runs: S
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
-  header = (f"{'run':<40} {'tokens/s':>10} {'TFLOP/s/dev':>11} {'MFU':>6} {'step s':>8} {'compile s':>9} {'peak GB':>8}"
+  header = (f"{'run':<64} {'tokens/s':>10} {'TFLOP/s/dev':>11} {'MFU':>6} {'step s':>8} {'compile s':>9} {'peak GB':>8}"
             f" {'fp8 GEMMs':>9} {'other GEMMs':>11}")
   lines = [header, "-" * len(header)]
   for r in results:
-    name = (r.get("run") or "(base)")[:40]
+    name = (r.get("run") or "(base)")[:64]
     if "error" in r:
-      lines.append(f"{name:<40} {r['error']}")
+      lines.append(f"{name:<64} {r['error']}")
       continue
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
     gemms = r.get("gemms", {})
     peak = r.get("peak_memory_gb") or r.get("compiled_memory_gb")
-    lines.append(f"{name:<40} {r['tokens_per_s']:>10,.0f} {r['tflops_per_device']:>11.1f} {mfu:>6} "
+    lines.append(f"{name:<64} {r['tokens_per_s']:>10,.0f} {r['tflops_per_device']:>11.1f} {mfu:>6} "
                  f"{r['step_time_s']:>8.4f} {r['compile_s']:>9.1f} {peak if peak is None else round(peak, 2)!s:>8}"
                  f" {gemms.get('fp8', 0):>9} {sum(n for k, n in gemms.items() if k != 'fp8'):>11}")
   return "\n".join(lines)
