@@ -474,8 +474,8 @@ def validate(cfg: Config) -> None:
   _choice("precision.compute", cfg.precision.compute, DTYPES)
   _choice("precision.fp8", cfg.precision.fp8, FP8_MODES)
   if cfg.precision.fp8 != "none" and cfg.precision.compute == "float16":
-    # fp8 products summed in float16 overflow (448^2 > 65504), and a loss scale that moves
-    # under the e5m2 gradient scales would make delayed amax histories stale.
+    # A float16 GEMM output overflows on one product of two e4m3 values (448^2 > 65504), and a
+    # loss scale moving under the e5m2 gradient scales would make delayed amax histories stale.
     raise ConfigError("precision.fp8: fp8 matmuls need precision.compute bfloat16 or float32, got float16")
   _positive("precision.fp8_history", cfg.precision.fp8_history)
   _choice("precision.loss_scale", cfg.precision.loss_scale, ("auto", "dynamic", "none"))

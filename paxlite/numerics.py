@@ -41,11 +41,10 @@ from flax import nnx
 
 from paxlite.config import PrecisionConfig
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 FORWARD_FP8 = jnp.float8_e4m3fn   # activations and weights: 3 mantissa bits, max 448
 BACKWARD_FP8 = jnp.float8_e5m2    # output gradients: 2 mantissa bits, max 57344
-# Rows of an Fp8History / Fp8Seen: which tensor of the matmul an amax belongs to.
-INPUT, KERNEL, GRAD = 0, 1, 2
+# The rows of an Fp8History / Fp8Seen: the matmul's input, kernel and output gradient.
 ROW_DTYPES = (FORWARD_FP8, FORWARD_FP8, BACKWARD_FP8)
 # Scale exponents k (scale 2^k) recorded by Fp8Seen: float32 normals, with room for fp8 max * 2^k.
 MIN_EXP, MAX_EXP = -126, 110
@@ -70,7 +69,7 @@ class DtypePolicy:
   @classmethod
   def from_config(cls, precision: PrecisionConfig) -> "DtypePolicy":
     fp8 = None if precision.fp8 == "none" else Fp8Recipe(precision.fp8, precision.fp8_history)
-    return cls(param_dtype=DTYPES[precision.params], compute_dtype=DTYPES[precision.compute], fp8=fp8)
+    return cls(param_dtype=_DTYPES[precision.params], compute_dtype=_DTYPES[precision.compute], fp8=fp8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,7 +169,7 @@ def update_histories(histories: Any, seen: Any) -> Any:
 
 class Fp8History(nnx.Variable):
   """Amax history of one fp8 matmul, float32 [3, fp8_history]: rows input, kernel and output
-  gradient (INPUT, KERNEL, GRAD), column 0 the newest, each amax rounded up to the top of its
+  gradient, column 0 the newest, each amax rounded up to the top of its
   power-of-two scale's range. Not a parameter: the optimizer never sees it."""
 
 

@@ -196,7 +196,7 @@ class Trainer:
   def _loss_fn(self, params: Any, seen: Any, fp8: Any, tokens_bt: jax.Array, loss_scale: jax.Array | None = None):
     """(loss to differentiate, cross-entropy). The gradient with respect to `seen` records the
     fp8 amaxes of this step (see paxlite.numerics)."""
-    model = nnx.merge(self.graphdef, params, fp8, seen)
+    model = self.layout.merge(params, fp8, seen)
     logits_btv = model(tokens_bt[:, :-1])
     nll, total = cross_entropy(logits_btv, tokens_bt[:, 1:], self.cfg.train.z_loss)
     return (total if loss_scale is None else total * loss_scale), nll
