@@ -11,6 +11,11 @@ import sys
 
 from paxlite.config import ConfigError, load_config
 
+# Exit statuses: 0 done (or stopped by SIGTERM with a checkpoint saved), 1 the environment
+# failed (a checkpoint or file could not be written), 2 bad input, 3 non-finite loss or
+# gradients (train.on_nan), 130 SIGINT (after saving a checkpoint).
+EXIT_ENVIRONMENT, EXIT_BAD_INPUT = 1, 2
+
 
 class _Parser(argparse.ArgumentParser):
 
@@ -47,12 +52,33 @@ def _keys(args: argparse.Namespace) -> int:
   return 0
 
 
+def _quiet_background_failures() -> None:
+  """paxlite reports a failed checkpoint write in one line; Orbax would also log it with
+  tracebacks from its threads (absl logging), and TensorStore's completions still arriving on
+  Orbax's closed event loop would print more."""
+  import logging
+
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  default = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+      return
+    default(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def _train(args: argparse.Namespace) -> int:
   cfg = load_config(args.config, args.overrides)
   from paxlite.trainer import Trainer  # imports jax: after the config is known to be good
 
+  _quiet_background_failures()
+
   trainer = Trainer(cfg)
   history = trainer.train()
+  if trainer.stopped_by is not None:  # the trainer said which checkpoint holds the run
+    return 130 if trainer.stopped_by == "SIGINT" else 0
   if history:
     last = history[-1]
     summary = f"paxlite: done, step {last['step']}, loss {last['loss']:.4f}"
@@ -71,7 +97,17 @@ def main(argv: list[str] | None = None) -> int:
       return _keys(args)
   except ConfigError as e:
     print(f"paxlite: error: {e}", file=sys.stderr)
-    return 2
+    return EXIT_BAD_INPUT
+  except Exception as e:  # noqa: BLE001 - only the known run-time failures are one line
+    from paxlite import checkpoint, faults
+
+    if isinstance(e, faults.NonFiniteError):
+      print(f"paxlite: error: {e}", file=sys.stderr)
+      return faults.EXIT_NONFINITE
+    if isinstance(e, (checkpoint.CheckpointError, OSError)):
+      print(f"paxlite: error: {e}", file=sys.stderr)
+      return EXIT_ENVIRONMENT
+    raise
   except KeyboardInterrupt:
     print("paxlite: interrupted", file=sys.stderr)
     return 130

@@ -24,6 +24,19 @@ MESH_AXES = ("data", "fsdp", "stage", "tensor")
 class ConfigError(ValueError):
   """A user-facing configuration mistake; the CLI prints it as one line and exits 2."""
 
+  def __init__(self, message: str):
+    # One line, whatever a key or value held: a newline in a YAML key must not split it.
+    super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def _show(value: Any, limit: int = 80) -> str:
+  """repr() for error messages: bounded length (and safe for ints too long to print)."""
+  try:
+    text = repr(value)
+  except ValueError:  # int past sys.get_int_max_str_digits()
+    text = f"<{type(value).__name__}>"
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 # The default rules table: (logical axis name, mesh axes). Order matters: for each array
 # dimension the first rule whose mesh axes are still free in that array wins, so a name may
@@ -140,6 +153,13 @@ class TrainConfig:
   """Weight of the z-loss (log-partition squared) added to the cross-entropy."""
   log_every: int = 10
   """Steps between metric lines."""
+  on_nan: str = "skip"
+  """A step whose loss or gradient norm is not finite never updates the weights; then: skip (count it
+  in nan_steps and go on) | rollback (reload the last checkpoint and leave the offending batch out)
+  | stop (save a checkpoint and the batch, exit 3)."""
+  nan_limit: int = 20
+  """Stop (as with on_nan=stop) after this many non-finite steps in a row (skip) or rollbacks
+  without a newer checkpoint (rollback): the run has diverged. 0: no limit."""
 
 
 @dataclass
@@ -175,6 +195,9 @@ class CheckpointConfig:
   """Most recent checkpoints kept."""
   async_save: bool = True
   """Write checkpoints in the background while training continues."""
+  verify: bool = True
+  """Record a sha256 of every checkpoint file when it is written and check them before restoring
+  (false: check only that every file is there with its size, for very large checkpoints)."""
 
 
 @dataclass
@@ -236,7 +259,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return _coerce(key, value, arg)
       except ConfigError:
         pass
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
   if tp is type(None):
     if value is None:
       return None
@@ -249,7 +272,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
   elif tp is float:
     # PyYAML reads `1e-3` (no dot) as a string: accept any string float() takes.
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-      return float(value)
+      try:
+        number = float(value)
+      except OverflowError:  # an int past float range
+        number = math.inf
+      if math.isfinite(number):
+        return number
+      raise ConfigError(f"{key}: expected a finite number, got {_show(value)}")
     if isinstance(value, str):
       try:
         number = float(value)
@@ -264,12 +293,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
   elif origin is list:
     if isinstance(value, list):
       return value
-  raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+  raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
   if not isinstance(data, dict):
-    raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {_show(data)}")
   hints = typing.get_type_hints(cls)
   names = {f.name for f in dataclasses.fields(cls)}
   kwargs = {}
@@ -301,8 +330,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     raise ConfigError(f"override '{item}': '{key}' is not a dotted config key")
   try:
     value = yaml.safe_load(raw) if raw.strip() else ""
-  except yaml.YAMLError as e:
-    raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML ({_first_line(e)})") from None
+  except (yaml.YAMLError, ValueError) as e:  # ValueError: an int past Python's digit limit
+    raise ConfigError(f"override '{key}': value {_show(raw)} is not valid YAML ({_first_line(e)})") from None
   if isinstance(value, dict):
     raise ConfigError(f"override '{key}': expected a scalar or a list, got a mapping")
   return parts, value
@@ -347,7 +376,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     raise ConfigError(f"config file '{path}' is a directory, expected a YAML file") from None
   except (OSError, UnicodeDecodeError) as e:
     raise ConfigError(f"config file '{path}' cannot be read: {_first_line(e)}") from None
-  except yaml.YAMLError as e:
+  except (yaml.YAMLError, ValueError) as e:
     raise ConfigError(f"config file '{path}' is not valid YAML: {_first_line(e)}") from None
   if data is None:
     return {}
@@ -385,24 +414,24 @@ def _positive(key: str, value: int | float | None, allow_zero: bool = False) -> 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
   if value not in choices:
-    raise ConfigError(f"{key}: expected one of {' | '.join(choices)}, got {value!r}")
+    raise ConfigError(f"{key}: expected one of {' | '.join(choices)}, got {_show(value)}")
 
 
 def validate_rules(rules: Any) -> None:
   if not isinstance(rules, list):
-    raise ConfigError(f"rules: expected a list of [logical_name, mesh_axis | [mesh_axes] | null], got {rules!r}")
+    raise ConfigError(f"rules: expected a list of [logical_name, mesh_axis | [mesh_axes] | null], got {_show(rules)}")
   for i, rule in enumerate(rules):
     if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
-      raise ConfigError(f"rules[{i}]: expected [logical_name, mesh_axis | [mesh_axes] | null], got {rule!r}")
+      raise ConfigError(f"rules[{i}]: expected [logical_name, mesh_axis | [mesh_axes] | null], got {_show(rule)}")
     axes = rule[1]
     axes = [] if axes is None else ([axes] if isinstance(axes, str) else axes)
     if not isinstance(axes, (list, tuple)):
-      raise ConfigError(f"rules[{i}] ({rule[0]}): expected a mesh axis, a list of them or null, got {rule[1]!r}")
+      raise ConfigError(f"rules[{i}] ({rule[0]}): expected a mesh axis, a list of them or null, got {_show(rule[1])}")
     for axis in axes:
       if axis not in MESH_AXES:
-        raise ConfigError(f"rules[{i}] ({rule[0]}): unknown mesh axis {axis!r}, expected one of {', '.join(MESH_AXES)}")
+        raise ConfigError(f"rules[{i}] ({rule[0]}): unknown mesh axis {_show(axis)}, expected one of {', '.join(MESH_AXES)}")
     if len(set(axes)) != len(axes):
-      raise ConfigError(f"rules[{i}] ({rule[0]}): mesh axis repeated in {rule[1]!r}")
+      raise ConfigError(f"rules[{i}] ({rule[0]}): mesh axis repeated in {_show(rule[1])}")
 
 
 def validate(cfg: Config) -> None:
@@ -453,6 +482,8 @@ def validate(cfg: Config) -> None:
       raise ConfigError(f"train.{name}: expected a number in [0, 1), got {getattr(t, name)}")
   if t.batch_size % t.grad_accum:
     raise ConfigError(f"train.grad_accum: {t.grad_accum} must divide train.batch_size={t.batch_size}")
+  _choice("train.on_nan", t.on_nan, ("skip", "rollback", "stop"))
+  _positive("train.nan_limit", t.nan_limit, allow_zero=True)
 
   if not cfg.data.source:
     raise ConfigError("data.source: expected stdlib, synthetic or a path, got an empty string")
