@@ -131,7 +131,7 @@ def _shapes(tree: Any) -> dict[tuple[Any, ...], tuple[int, ...]]:
 def compare_shapes(saved: Any, expected: Any, where: str) -> None:
   """Raises ConfigError naming the first array whose presence or shape differs."""
   have, want = _shapes(saved), _shapes(expected)
-  for path in sorted(set(have) | set(want), key=str):
+  for path in sorted(set(have) | set(want), key=lambda p: (p[:1] != ("params",), str(p))):  # params first
     name = "/".join(map(str, path))
     if path not in have:
       raise ConfigError(f"run.dir: {where} has no array '{name}' that this config needs; "

@@ -158,8 +158,8 @@ class TrainConfig:
   in nan_steps and go on) | rollback (reload the last checkpoint and leave the offending batch out)
   | stop (save a checkpoint and the batch, exit 3)."""
   nan_limit: int = 20
-  """Stop (as with on_nan=stop) after this many non-finite steps in a row (skip) or rollbacks
-  without a newer checkpoint (rollback): the run has diverged. 0: no limit."""
+  """Stop (as with on_nan=stop) at this many non-finite steps in a row (skip) or since the last
+  new checkpoint (rollback): the run has diverged. 0: no limit."""
 
 
 @dataclass
@@ -319,6 +319,38 @@ def config_from_dict(data: dict[str, Any]) -> Config:
   return _build(Config, data or {}, "")
 
 
+class _StrictLoader(yaml.SafeLoader):
+  """PyYAML's safe loader (plain data only: a `!!python/...` tag is an error, never a call)
+  that also refuses a key given twice in one mapping, which PyYAML would silently resolve to
+  the last value."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> Any:
+  seen: set[Any] = set()
+  for key_node, _ in node.value:
+    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden on purpose
+      continue
+    key = loader.construct_object(key_node)
+    try:
+      duplicate = key in seen
+      seen.add(key)
+    except TypeError:  # an unhashable key: construct_mapping reports it
+      continue
+    if duplicate:
+      raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                              f"found the key {_show(key)} twice", key_node.start_mark)
+  data: dict[Any, Any] = {}
+  yield data  # the two-step protocol of PyYAML's own constructor (anchors may refer back)
+  data.update(loader.construct_mapping(node))
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _load_yaml(stream: Any) -> Any:
+  return yaml.load(stream, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
   """Splits `a.b.c=value`; the value is a YAML scalar or list, parsed safely (never eval'd)."""
   key, sep, raw = item.partition("=")
@@ -329,7 +361,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
   if any(not p.isidentifier() for p in parts):
     raise ConfigError(f"override '{item}': '{key}' is not a dotted config key")
   try:
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = _load_yaml(raw) if raw.strip() else ""
   except (yaml.YAMLError, ValueError) as e:  # ValueError: an int past Python's digit limit
     raise ConfigError(f"override '{key}': value {_show(raw)} is not valid YAML ({_first_line(e)})") from None
   if isinstance(value, dict):
@@ -365,11 +397,11 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-  """Reads a YAML mapping with the safe loader (no Python object tags)."""
+  """Reads a YAML mapping with the safe loader (no Python object tags, no duplicate keys)."""
   path = os.fspath(path)
   try:
     with open(path, encoding="utf-8") as f:
-      data = yaml.safe_load(f)
+      data = _load_yaml(f)
   except FileNotFoundError:
     raise ConfigError(f"config file '{path}' not found") from None
   except IsADirectoryError:
