@@ -1,7 +1,8 @@
-"""The `paxlite` command: `paxlite train CONFIG [key=value ...]`.
+"""The `paxlite` command: `paxlite train|shardings|bench CONFIG [key=value ...]`, `paxlite keys`.
 
 Every user mistake (a bad key, type, size, path or mesh) ends as one line on stderr naming
-the key or file, and exit code 2; no traceback.
+the key or file, and exit code 2; no traceback. A checkpoint that cannot be written ends as
+one line and exit code 1, a run stopped on non-finite values (train.on_nan) as one line and 3.
 """
 
 from __future__ import annotations
@@ -31,9 +32,49 @@ def _parser() -> argparse.ArgumentParser:
   train = sub.add_parser("train", help="train (or resume) the run a YAML config describes")
   train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
   train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100 mesh.data=2")
+  shardings = sub.add_parser("shardings", help="print where every parameter and activation lives on the mesh")
+  shardings.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+  shardings.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.fsdp=8")
+  shardings.add_argument("--devices", type=int, default=None, metavar="N",
+                         help="device count to lay the mesh over (default: the product of the mesh axes, or "
+                              "the devices present when an axis is -1); no devices are needed")
+  bench = sub.add_parser("bench", help="time the compiled train step: tokens/s, TFLOP/s, MFU, memory")
+  bench.add_argument("config", help="YAML config, e.g. configs/bench-1.7b.yaml")
+  bench.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every run")
+  bench.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+  bench.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation (default 3)")
+  bench.add_argument("--runs", nargs="+", metavar="OVERRIDES", default=None,
+                     help='several runs, each a quoted override list, e.g. "model.remat=none" "mesh.fsdp=2"; '
+                          "each runs in its own process")
+  bench.add_argument("--json", action="store_true", help="print only the JSON result line(s)")
+  bench.add_argument("--out", help="also append the JSON result lines to this file")
   keys = sub.add_parser("keys", help="list every config key with its default and meaning")
   keys.add_argument("--markdown", action="store_true", help="print a Markdown table")
   return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+  import json
+
+  from paxlite import bench
+
+  if args.steps < 1 or args.warmup < 0:
+    raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+  cfg = load_config(args.config, args.overrides)  # checks the base config before any run starts
+  if args.runs:
+    for run in args.runs:
+      load_config(args.config, list(args.overrides) + run.split())
+    results = bench.run_in_subprocesses(args.config, args.overrides, args.runs, steps=args.steps, warmup=args.warmup)
+  else:
+    results = [{"run": " ".join(args.overrides), **bench.run_benchmark(cfg, steps=args.steps, warmup=args.warmup)}]
+  lines = [json.dumps(r) for r in results]
+  if args.out:
+    with open(args.out, "a", encoding="utf-8") as f:
+      f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  if not args.json:
+    print(bench.format_table(results))
+  return 1 if any("error" in r for r in results) else 0
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -74,7 +115,6 @@ def _train(args: argparse.Namespace) -> int:
   from paxlite.trainer import Trainer  # imports jax: after the config is known to be good
 
   _quiet_background_failures()
-
   trainer = Trainer(cfg)
   history = trainer.train()
   if trainer.stopped_by is not None:  # the trainer said which checkpoint holds the run
@@ -88,11 +128,25 @@ def _train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _shardings(args: argparse.Namespace) -> int:
+  cfg = load_config(args.config, args.overrides)
+  if args.devices is not None and args.devices < 1:
+    raise ConfigError(f"--devices: expected a positive number of devices, got {args.devices}")
+  from paxlite.shardings import explain_sharding  # imports jax: after the config is known to be good
+
+  print(explain_sharding(cfg, num_devices=args.devices))
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     if args.command == "train":
       return _train(args)
+    if args.command == "shardings":
+      return _shardings(args)
+    if args.command == "bench":
+      return _bench(args)
     if args.command == "keys":
       return _keys(args)
   except ConfigError as e:
