@@ -53,7 +53,7 @@ CASES = [
     (TINY, ["model.vocab_size=128"], "model.vocab_size: 128 is smaller than the tokenizer's vocabulary (256 tokens"),
     (TINY, ["model.seq_len=256", "model.max_seq_len=128"], "model.seq_len: 256 exceeds model.max_seq_len=128"),
     (TINY, ["train.grad_accum=3"], "train.grad_accum: 3 must divide train.batch_size=8"),
-    (TINY, ["train.batch_size=12"], "train.batch_size: 12 sequences over 1 micro-batches gives 12 per micro-batch"),
+    (TINY, ["train.batch_size=12"], "train.batch_size: 12 sequences over 1 micro-batches"),
     (TINY, ["rules=[[batch, gpu]]"], "rules[0] (batch): unknown mesh axis 'gpu'"),
     (TINY, ["train.steps"], "override 'train.steps': expected key=value"),
     (TINY, ["train={steps: 3}"], "override 'train': expected a scalar or a list, got a mapping"),

@@ -185,16 +185,21 @@ def test_stop_signals_become_a_flag_and_a_second_one_is_not_caught():
   assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_cli_reports_a_failed_write_in_one_line_and_exits_1(tmp_path, repo_root):
-  def limit_file_size():  # in the child, before exec: SIG_IGN survives exec
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+# The child limits its own file size (RLIMIT_FSIZE) and then runs `paxlite train` as `-m` would.
+LIMITED = """import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.argv = ["paxlite", *sys.argv[1:]]
+runpy.run_module("paxlite", run_name="__main__")
+"""
 
+
+def test_cli_reports_a_failed_write_in_one_line_and_exits_1(tmp_path, repo_root):
   args = [f"{k}={v}" for k, v in BASE.items()] + [f"run.dir={tmp_path}", "run.progress=lines", "train.log_every=100"]
   env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}  # its entries are over the limit too
-  proc = subprocess.run([sys.executable, "-m", "paxlite", "train", "configs/tiny.yaml", *args], cwd=repo_root,
-                        env=env, capture_output=True, text=True, preexec_fn=limit_file_size)
-  assert proc.returncode == 1
+  proc = subprocess.run([sys.executable, "-c", LIMITED, "train", "configs/tiny.yaml", *args], cwd=repo_root,
+                        env=env, capture_output=True, text=True)
+  assert proc.returncode == 1, proc.stderr
   last = proc.stderr.splitlines()[-1]
   assert last.startswith(f"paxlite: error: checkpoint step 2 could not be written to '{tmp_path / 'checkpoints'}'")
   assert "File too large" in last and last.endswith("no earlier checkpoint exists")
