@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                           "each runs in its own process")
   bench.add_argument("--json", action="store_true", help="print only the JSON result line(s)")
   bench.add_argument("--out", help="also append the JSON result lines to this file")
+  plot = sub.add_parser("plot", help="draw the loss and learning-rate curves of one or more runs")
+  plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
+  plot.add_argument("--out", default=None, help="image file to write (default RUN_DIR/loss.png of the first run)")
   keys = sub.add_parser("keys", help="list every config key with its default and meaning")
   keys.add_argument("--markdown", action="store_true", help="print a Markdown table")
   return parser
@@ -138,6 +141,14 @@ def _shardings(args: argparse.Namespace) -> int:
   return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+  from paxlite.plot import plot_runs
+
+  out = args.out or f"{args.run_dirs[0].rstrip('/')}/loss.png"
+  print(f"paxlite: wrote {plot_runs(args.run_dirs, out)}", file=sys.stderr)
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
@@ -147,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
       return _shardings(args)
     if args.command == "bench":
       return _bench(args)
+    if args.command == "plot":
+      return _plot(args)
     if args.command == "keys":
       return _keys(args)
   except ConfigError as e:
