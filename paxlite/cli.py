@@ -15,7 +15,7 @@ from paxlite.config import ConfigError, load_config
 # Exit statuses: 0 done (or stopped by SIGTERM with a checkpoint saved), 1 the environment
 # failed (a checkpoint or file could not be written), 2 bad input, 3 non-finite loss or
 # gradients (train.on_nan), 130 SIGINT (after saving a checkpoint).
-EXIT_ENVIRONMENT, EXIT_BAD_INPUT = 1, 2
+EXIT_ENVIRONMENT, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_SIGINT = 1, 2, 3, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -121,7 +121,7 @@ def _train(args: argparse.Namespace) -> int:
   trainer = Trainer(cfg)
   history = trainer.train()
   if trainer.stopped_by is not None:  # the trainer said which checkpoint holds the run
-    return 130 if trainer.stopped_by == "SIGINT" else 0
+    return EXIT_SIGINT if trainer.stopped_by == "SIGINT" else 0
   if history:
     last = history[-1]
     summary = f"paxlite: done, step {last['step']}, loss {last['loss']:.4f}"
@@ -170,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if isinstance(e, faults.NonFiniteError):
       print(f"paxlite: error: {e}", file=sys.stderr)
-      return faults.EXIT_NONFINITE
+      return EXIT_NONFINITE
     if isinstance(e, (checkpoint.CheckpointError, OSError)):
       print(f"paxlite: error: {e}", file=sys.stderr)
       return EXIT_ENVIRONMENT
     raise
   except KeyboardInterrupt:
     print("paxlite: interrupted", file=sys.stderr)
-    return 130
+    return EXIT_SIGINT
   return 0
 
 

@@ -20,10 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# Exit status of `paxlite train` when the run stopped on non-finite values (2 is bad input).
-EXIT_NONFINITE = 3
-
-
 class NonFiniteError(RuntimeError):
   """Training stopped on a non-finite loss or gradient (train.on_nan=stop, or train.nan_limit)."""
 

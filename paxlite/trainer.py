@@ -456,7 +456,7 @@ class Trainer:
           if record is not None:
             yield {"step": done, **record}
             timer.lap()  # the caller's time between records is not step time either
-        if signals.received is not None:
+        if signals.received is not None and done < total:  # (a signal in the last step changes nothing)
           self._settle(pending, 0, progress.message)
           self.save(force=True)
           self.checkpointer.wait()
