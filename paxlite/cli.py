@@ -98,11 +98,13 @@ def _keys(args: argparse.Namespace) -> int:
 
 def _quiet_background_failures() -> None:
   """paxlite reports a failed checkpoint write in one line; Orbax would also log it with
-  tracebacks from its threads (absl logging), and TensorStore's completions still arriving on
-  Orbax's closed event loop would print more."""
+  tracebacks from its threads (absl logging), asyncio would log each of the write's other
+  failed futures ("exception was never retrieved"; only Orbax runs event loops here), and
+  TensorStore's completions still arriving on Orbax's closed event loop would print more."""
   import logging
 
-  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).setLevel(logging.CRITICAL)
   default = sys.unraisablehook
 
   def hook(unraisable) -> None:
