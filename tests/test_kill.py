@@ -26,7 +26,8 @@ def command(run_dir, *prefix):
 
 def start(cmd, repo_root, log):
   env = {**os.environ, "PYTHONPATH": repo_root}
-  return subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+  with open(log, "w") as err:  # the child holds its own copy of the descriptor
+    return subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
 def run(cmd, repo_root, log):
