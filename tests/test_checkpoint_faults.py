@@ -158,6 +158,17 @@ def test_checkpoint_that_cannot_be_written_fails_clearly_and_keeps_the_previous(
   assert os.listdir(tmp_path / "checkpoints") == ["2"]  # the next start clears the remains
 
 
+def test_a_disk_visibly_too_small_is_refused_before_writing(tmp_path, monkeypatch):
+  t = trainer(tmp_path)
+  t.train(steps=2)
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=64 << 10))
+  with pytest.raises(CheckpointError, match=r"checkpoint step 4 could not be written to .* \(the state needs "
+                                            r"[0-9.]+ MiB, the disk has 0.1 MiB free\); step 2 is the latest"):
+    t.train()
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]  # nothing was started
+
+
 def test_restoring_never_unpickles(saved, monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError("a checkpoint was unpickled")
