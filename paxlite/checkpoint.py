@@ -50,6 +50,14 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     return restored["state"], restored.get("data") if "data" in item_names else None
 
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Reads only the parameters of `step` (Orbax partial restore: the optimizer state is
+    never read) onto the shardings carried by `abstract_params`."""
+    item = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
