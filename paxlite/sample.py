@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,22 @@ def model_mesh(model: nnx.Module) -> Mesh | None:
     if isinstance(sharding, NamedSharding):
       return sharding.mesh
   return None
+
+
+def batch_ways(mesh: Mesh, rules: Rules) -> int:
+  """How many ways the rules split a batch dimension on `mesh` (inputs are padded to it)."""
+  axes = resolve(("batch",), rules)[0]
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh | None, rules: Rules) -> Iterator[None]:
+  """Mesh and rules in force while tracing (nothing when the model is not on a mesh)."""
+  if mesh is None:
+    yield
+    return
+  with jax.set_mesh(mesh), axis_rules(rules):
+    yield
 
 
 def filter_logits(logits_bv: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -133,15 +149,14 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | np.ndarray, *
   longest = max(r.size for r in rows)
   if longest + max_new_tokens > max_len:
     raise ConfigError(f"max_new_tokens: a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds "
-                      f"model.max_seq_len={max_len}")
+                      f"model.max_seq_len={max_len} (an override model.max_seq_len=N allows more)")
 
   mesh = model_mesh(model)
   rules = rules if rules is not None else (current_rules() or DEFAULT_RULES)
   batch = len(rows)
   if mesh is not None:
     # Pad the batch with dummy rows up to a multiple of the devices the batch is split over.
-    spec = resolve(("batch",), rules)
-    ways = math.prod(mesh.shape[a] for a in (spec[0] if isinstance(spec[0], tuple) else (spec[0],)) if a)
+    ways = batch_ways(mesh, rules)
     batch = -(-batch // ways) * ways
   bucket = prompt_bucket(longest)
   tokens_bt = np.zeros((batch, bucket), np.int32)
@@ -151,12 +166,9 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | np.ndarray, *
     lengths_b[i] = row.size
 
   graphdef, state = nnx.split(model)
-  context = contextlib.ExitStack()
   if mesh is not None:
-    context.enter_context(jax.set_mesh(mesh))
-    context.enter_context(axis_rules(rules))
     tokens_bt = jax.device_put(tokens_bt, NamedSharding(mesh, resolve(("batch", "length"), rules)))
-  with context:
+  with activate(mesh, rules):
     out = _generate(graphdef, state, tokens_bt, lengths_b, jax.random.key(seed), jnp.float32(temperature),
                     jnp.int32(top_k), jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id),
                     max_new_tokens=max_new_tokens, cache_len=bucket + max_new_tokens)
