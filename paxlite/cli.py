@@ -156,7 +156,14 @@ def _import_hf(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args, extra = parser.parse_known_args(argv)
+  # argparse fills a positional `overrides` list only before the first option; key=value
+  # words after options (`paxlite sample RUN --prompt x mesh.tensor=2`) come back as extras.
+  if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+    args.overrides += extra
+  elif extra:
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
   try:
     if args.command == "train":
       return _train(args)

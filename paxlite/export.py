@@ -321,6 +321,9 @@ def import_config(hf: dict[str, Any], config_path: str | None, overrides: list[s
   data = apply_overrides(apply_overrides(data, overrides or {}),
                          model_overrides_from_hf(hf, os.path.join(hf_dir, "config.json")))
   cfg = config_from_dict(data)
+  if cfg.model.max_seq_len is not None and cfg.model.seq_len > cfg.model.max_seq_len:
+    raise ConfigError(f"model.seq_len: {cfg.model.seq_len} exceeds the checkpoint's max_position_embeddings="
+                      f"{cfg.model.max_seq_len} ({os.path.join(hf_dir, 'config.json')}); set model.seq_len lower")
   validate(cfg)
   return cfg
 
