@@ -27,6 +27,16 @@ def _parser() -> argparse.ArgumentParser:
   train = sub.add_parser("train", help="train (or resume) the run a YAML config describes")
   train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
   train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100 mesh.data=2")
+  bench = sub.add_parser("bench", help="time the compiled train step: tokens/s, TFLOP/s, MFU, memory")
+  bench.add_argument("config", help="YAML config, e.g. configs/bench-1.7b.yaml")
+  bench.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every run")
+  bench.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+  bench.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation (default 3)")
+  bench.add_argument("--runs", nargs="+", metavar="OVERRIDES", default=None,
+                     help='several runs, each a quoted override list, e.g. "model.remat=none" "mesh.fsdp=2"; '
+                          "each runs in its own process")
+  bench.add_argument("--json", action="store_true", help="print only the JSON result line(s)")
+  bench.add_argument("--out", help="also append the JSON result lines to this file")
   keys = sub.add_parser("keys", help="list every config key with its default and meaning")
   keys.add_argument("--markdown", action="store_true", help="print a Markdown table")
   _add_generation_parsers(sub)
@@ -67,6 +77,30 @@ def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
   imp.add_argument("hf_dir", help="directory with config.json and model.safetensors (or its shards)")
   imp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. run.dir=runs/llama")
   imp.add_argument("--config", help="YAML config for training (model.* keys come from config.json)")
+
+
+def _bench(args: argparse.Namespace) -> int:
+  import json
+
+  from paxlite import bench
+
+  if args.steps < 1 or args.warmup < 0:
+    raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+  cfg = load_config(args.config, args.overrides)  # checks the base config before any run starts
+  if args.runs:
+    for run in args.runs:
+      load_config(args.config, list(args.overrides) + run.split())
+    results = bench.run_in_subprocesses(args.config, args.overrides, args.runs, steps=args.steps, warmup=args.warmup)
+  else:
+    results = [{"run": " ".join(args.overrides), **bench.run_benchmark(cfg, steps=args.steps, warmup=args.warmup)}]
+  lines = [json.dumps(r) for r in results]
+  if args.out:
+    with open(args.out, "a", encoding="utf-8") as f:
+      f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  if not args.json:
+    print(bench.format_table(results))
+  return 1 if any("error" in r for r in results) else 0
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -167,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command == "train":
       return _train(args)
+    if args.command == "bench":
+      return _bench(args)
     if args.command == "keys":
       return _keys(args)
     if args.command == "sample":

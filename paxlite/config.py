@@ -87,7 +87,9 @@ class ModelConfig:
   scan_layers: bool = True
   """Run the stacked decoder layers with a scan (compile time independent of depth)."""
   remat: str = "none"
-  """Rematerialisation of each decoder block: none | full | dots_saveable."""
+  """Rematerialisation of each decoder block: none (keep all activations) | full (recompute
+  the block) | dots_saveable (keep matmul outputs) | dots_attention_saveable (also keep the
+  fused attention's forward)."""
   attention: str = "auto"
   """jax.nn.dot_product_attention implementation: auto | xla | cudnn."""
 
@@ -426,7 +428,7 @@ def validate(cfg: Config) -> None:
     raise ConfigError(f"model.num_kv_heads: {kv} must divide model.num_heads={m.num_heads}")
   if m.max_seq_len is not None and m.seq_len > m.max_seq_len:
     raise ConfigError(f"model.seq_len: {m.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-  _choice("model.remat", m.remat, ("none", "full", "dots_saveable"))
+  _choice("model.remat", m.remat, ("none", "full", "dots_saveable", "dots_attention_saveable"))
   _choice("model.attention", m.attention, ("auto", "xla", "cudnn"))
 
   for axis in MESH_AXES:

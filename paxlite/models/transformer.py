@@ -20,9 +20,20 @@ from paxlite.models.layers import Einsum, Embed, RMSNorm, scaled_normal
 from paxlite.numerics import DtypePolicy
 from paxlite.partitioning import constrain
 
+
+def _save_dots_and_attention(prim, *args, **params) -> bool:
+  """Keep every weight matmul's output and the fused attention's forward (its output and
+  softmax statistics); recompute only the cheap elementwise work (norms, rotary, SwiGLU)."""
+  if jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params):
+    return True
+  # jax's cuDNN flash-attention forward ("dot_product_attention_fwd_wrapper" in jax 0.10/0.11).
+  return prim.name.startswith("dot_product_attention_fwd")
+
+
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_attention_saveable": _save_dots_and_attention,
 }
 
 
