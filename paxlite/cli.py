@@ -143,10 +143,8 @@ def _sample(args: argparse.Namespace) -> int:
 
   model, cfg = load_run(args.run_dir, step=args.step, overrides=args.overrides)
   prompts = [p for p in args.prompt for _ in range(args.num_samples)]
-  tokenizer = load_tokenizer(cfg.data.tokenizer)
-  room = (cfg.model.max_seq_len or cfg.model.seq_len) - max(len(tokenizer.encode(p)) for p in prompts)
-  texts = sample_text(model, tokenizer, prompts, rules=cfg.rules,
-                      max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else room, temperature=args.temperature, top_k=args.top_k,
+  texts = sample_text(model, load_tokenizer(cfg.data.tokenizer), prompts, rules=cfg.rules,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, seed=args.seed)
   for i, (prompt, text) in enumerate(zip(prompts, texts)):
     if len(prompts) > 1:

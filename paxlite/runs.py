@@ -46,13 +46,14 @@ def checkpoint_step(run_dir: str, cfg: Config, step: int | None) -> tuple[Checkp
     raise ConfigError(f"run directory '{run_dir}' holds no checkpoints/ (train it first)")
   checkpointer = Checkpointer(run_dir, cfg.checkpoint)
   steps = checkpointer.all_steps()
+  if step is None and steps:
+    return checkpointer, max(steps)
+  if step in steps:
+    return checkpointer, step
+  checkpointer.close()
   if not steps:
     raise ConfigError(f"run directory '{run_dir}': checkpoints/ holds no finished checkpoint")
-  if step is None:
-    return checkpointer, max(steps)
-  if step not in steps:
-    raise ConfigError(f"--step: run directory '{run_dir}' has no checkpoint {step} (it has {sorted(steps)})")
-  return checkpointer, step
+  raise ConfigError(f"--step: run directory '{run_dir}' has no checkpoint {step} (it has {sorted(steps)})")
 
 
 def load_run(run_dir: str, *, step: int | None = None,
@@ -68,7 +69,6 @@ def load_run(run_dir: str, *, step: int | None = None,
   >>> logits = model(jnp.asarray([[72, 105]]))
   """
   cfg = run_config(run_dir, overrides)
-  checkpointer, step = checkpoint_step(run_dir, cfg, step)
   mesh = make_mesh(cfg.mesh, jax.local_devices())
   with _no_eager_sharding():
     abstract_model = nnx.eval_shape(lambda: default_model_fn(cfg)(nnx.Rngs(0)))
@@ -77,6 +77,7 @@ def load_run(run_dir: str, *, step: int | None = None,
   abstract_params = jax.tree.map(
       lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
       _pure_dict(abstract_state), specs)
+  checkpointer, step = checkpoint_step(run_dir, cfg, step)
   try:
     params = checkpointer.restore_params(step, abstract_params)
   except (ValueError, KeyError) as e:  # shapes or names differ: the config no longer matches

@@ -94,9 +94,8 @@ def _generate(graphdef, state, tokens_bt, lengths_b, key, temperature, top_k, to
   model = nnx.merge(graphdef, state)
   batch, prompt_len = tokens_bt.shape
   positions_bt = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens_bt.shape)
-  logits_btv, cache = model.decode(tokens_bt, positions_bt, model.init_cache(batch, cache_len))
-  last_bv = jnp.take_along_axis(logits_btv, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
-  first_b = _next_token(last_bv, jax.random.fold_in(key, 0), temperature, top_k, top_p)
+  last_b1v, cache = model.decode(tokens_bt, positions_bt, model.init_cache(batch, cache_len), lengths_b - 1)
+  first_b = _next_token(last_b1v[:, 0], jax.random.fold_in(key, 0), temperature, top_k, top_p)
   out_bn = jnp.full((batch, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_b)
 
   def keep_going(carry):
@@ -175,16 +174,23 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | np.ndarray, *
   return np.asarray(jax.device_get(out))[: len(rows)]
 
 
-def sample_text(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], *, rules: Rules | None = None,
-                **options: Any) -> list[str]:
-  """Encodes `prompts` with `tokenizer` (paxlite.data), generates, and decodes each
-  continuation up to (not including) the tokenizer's end-of-text token."""
+def sample_text(model: nnx.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int | None = None,
+                rules: Rules | None = None, **options: Any) -> list[str]:
+  """Encodes `prompts` with `tokenizer` (paxlite.data), generates (by default as many tokens
+  as model.max_seq_len leaves room for), and decodes each continuation up to (not
+  including) the tokenizer's end-of-text token. `options` go to `generate`."""
   encoded = [tokenizer.encode(p) for p in prompts]
   for i, ids in enumerate(encoded):
     if not len(ids):
       raise ConfigError(f"--prompt: prompt {i + 1} is empty (it encodes to no tokens)")
+  if max_new_tokens is None:
+    max_len = model.cfg.max_seq_len or model.cfg.seq_len
+    longest = max(len(ids) for ids in encoded)
+    if longest >= max_len:
+      raise ConfigError(f"--prompt: a prompt of {longest} tokens leaves no room under model.max_seq_len={max_len}")
+    max_new_tokens = max_len - longest
   eos_id = tokenizer.eos_id
-  out_bn = generate(model, encoded, eos_id=eos_id, rules=rules, **options)
+  out_bn = generate(model, encoded, max_new_tokens=max_new_tokens, eos_id=eos_id, rules=rules, **options)
   texts = []
   for row in out_bn:
     if eos_id is not None and eos_id in row:

@@ -63,19 +63,22 @@ def test_prefill_and_decode_steps_give_the_full_forward_logits(models, mesh):
   @jax.jit
   def run(state):
     m = nnx.merge(graphdef, state)
-    logits, cache = m.decode(tokens, jnp.broadcast_to(jnp.arange(16), tokens.shape), m.init_cache(3, 24))
+    positions = jnp.broadcast_to(jnp.arange(16), tokens.shape)
+    logits, cache = m.decode(tokens, positions, m.init_cache(3, 24))
+    last, _ = m.decode(tokens, positions, m.init_cache(3, 24), jnp.asarray(lengths - 1))
     steps = []
     for j in range(4):
       step_logits, cache = m.decode(jnp.full((3, 1), 11 + j), jnp.asarray(lengths + j)[:, None], cache)
       steps.append(step_logits[:, 0])
-    return logits, jnp.stack(steps, 1)
+    return logits, last[:, 0], jnp.stack(steps, 1)
 
   graphdef, state = nnx.split(model)
-  prefill, steps = jax.device_get(run(state))
+  prefill, last, steps = jax.device_get(run(state))
   for i, row in enumerate(rows):
     ref = full_logits(model, row)
     n = lengths[i]
     np.testing.assert_allclose(prefill[i, :n], ref[:n], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(last[i], ref[n - 1], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(steps[i], ref[n : n + 4], rtol=1e-4, atol=1e-4)
 
 

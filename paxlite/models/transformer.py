@@ -118,12 +118,15 @@ class Transformer(nnx.Module):
     names = ("layers", "batch", "length", "act_kv_heads", "head_dim")
     return tuple(constrain(jnp.zeros(shape, self.embed.compute_dtype), names) for _ in range(2))
 
-  def decode(self, tokens_bt: jax.Array, positions_bt: jax.Array, cache: KV) -> tuple[jax.Array, KV]:
+  def decode(self, tokens_bt: jax.Array, positions_bt: jax.Array, cache: KV,
+             logits_at_b: jax.Array | None = None) -> tuple[jax.Array, KV]:
     """Logits for tokens at `positions_bt` that attend to the cache, and the cache with their
     keys and values added: a prefill (a whole prompt) or a decode step (one token per row).
 
     Row b's query at position p sees cache slots 0..p, so every slot below p must already
-    hold row b's real keys (slots at or past p may hold anything).
+    hold row b's real keys (slots at or past p may hold anything). With `logits_at_b`, only
+    the token at index logits_at_b[b] of each row gets logits ([b, 1, vocab]): a prefill
+    needs just each prompt's last, not [b, t, vocab] floats.
     """
     graphdef, layer_state = nnx.split(self.blocks)
 
@@ -138,6 +141,8 @@ class Transformer(nnx.Module):
 
     layers = jnp.arange(self.cfg.num_layers)
     (x_btd, cache), _ = jax.lax.scan(layer, (self._embed(tokens_bt), cache), (layer_state, layers))
+    if logits_at_b is not None:
+      x_btd = jnp.take_along_axis(x_btd, logits_at_b[:, None, None], axis=1)
     return self._logits(x_btd), cache
 
   def _embed(self, tokens_bt: jax.Array) -> jax.Array:
