@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +36,14 @@ def _nll_sum(graphdef, state, tokens_bt, weights_b):
   return jnp.sum(nll_bt * weights_bt), jnp.sum(weights_bt)
 
 
-def _windows(cfg: Config, data: str | None, split: str, max_sequences: int | None) -> tuple[list[np.ndarray] | data_lib.TokenWindows, str]:
+def _windows(cfg: Config, data: str | None, split: str, batch_size: int,
+             batches: int | None) -> tuple[Sequence[np.ndarray], str]:
   """The sequences to score and a label saying where they come from."""
   seq_len = cfg.model.seq_len
-  if data is None and cfg.data.source == "synthetic":
-    count = max_sequences or cfg.eval.batches * cfg.train.batch_size
-    rows = data_lib.make_eval_batches(cfg.data, seq_len=seq_len, batch_size=count, num_batches=1,
-                                      vocab_size=cfg.model.vocab_size)[0]
-    return list(rows), "synthetic"
+  if data is None and cfg.data.source == "synthetic":  # endless: `batches` (default eval.batches) of them
+    rows = data_lib.make_eval_batches(cfg.data, seq_len=seq_len, batch_size=batch_size,
+                                      num_batches=batches or cfg.eval.batches, vocab_size=cfg.model.vocab_size)
+    return list(np.concatenate(rows)), "synthetic"
   if data is not None:
     corpus = data_lib.load_corpus(dataclasses.replace(cfg.data, source=data))
     tokens, label = np.load(corpus.cache_path, mmap_mode="r"), data  # the whole file, both "splits"
@@ -71,7 +71,7 @@ def evaluate(model: nnx.Module, cfg: Config, *, data: str | None = None, split: 
     if value is not None and value <= 0:
       raise ConfigError(f"{name}: expected a positive integer, got {value}")
   batch_size = batch_size or cfg.train.batch_size
-  windows, label = _windows(cfg, data, split, batches * batch_size if batches else None)
+  windows, label = _windows(cfg, data, split, batch_size, batches)
   count = len(windows) if batches is None else min(len(windows), batches * batch_size)
 
   mesh = model_mesh(model)
@@ -82,7 +82,7 @@ def evaluate(model: nnx.Module, cfg: Config, *, data: str | None = None, split: 
   graphdef, state = nnx.split(model)
   num_batches = -(-count // batch_size)
   bar = Progress(total=num_batches, mode=cfg.run.progress, enabled=progress)
-  total_nll, total_tokens = 0.0, 0.0
+  sums = []
   try:
     for start in range(0, count, batch_size):
       rows = [windows[i] for i in range(start, min(start + batch_size, count))]
@@ -93,12 +93,12 @@ def evaluate(model: nnx.Module, cfg: Config, *, data: str | None = None, split: 
         tokens_bt = jax.device_put(tokens_bt, NamedSharding(mesh, resolve(("batch", "length"), cfg.rules)))
         weights_b = jax.device_put(weights_b, NamedSharding(mesh, resolve(("batch",), cfg.rules)))
       with activate(mesh, cfg.rules):
-        nll, tokens = _nll_sum(graphdef, state, tokens_bt, weights_b)
-      total_nll += float(nll)
-      total_tokens += float(tokens)
+        sums.append(_nll_sum(graphdef, state, tokens_bt, weights_b))
+      jax.block_until_ready(sums[-1])  # so that the bar shows work done, not work queued
       bar.update()
+    total_nll, total_tokens = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
   finally:
     bar.close()
-  loss = total_nll / total_tokens
+  loss = float(total_nll / total_tokens)
   return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(total_tokens), "sequences": count,
           "source": label}

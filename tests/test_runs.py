@@ -1,5 +1,6 @@
 """Run directories after training: load_run, evaluation, and the sample/eval/export/import-hf CLI."""
 
+import dataclasses
 import json
 import os
 
@@ -30,6 +31,7 @@ def trained(tmp_path_factory, data_cache):
   run_dir = str(tmp_path_factory.mktemp("trained"))
   trainer = Trainer(load_config(None, {**RUN, "run.dir": run_dir}))
   history = trainer.train()
+  trainer.checkpointer.close()
   return run_dir, history, jax.device_get(trainer.state["params"])
 
 
@@ -92,6 +94,14 @@ def test_eval_of_a_file_scores_every_window_once(loaded, tmp_path):
   whole = evaluate(model, cfg, data=str(path), batch_size=40, progress=False)
   np.testing.assert_allclose(result["loss"], whole["loss"], rtol=1e-5)
   assert 0 < result["loss"] < np.log(256) + 1
+
+
+def test_eval_of_synthetic_tokens(loaded):
+  model, cfg = loaded
+  synthetic = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="synthetic"))
+  result = evaluate(model, synthetic, batches=2, progress=False)
+  assert result["sequences"] == 16 and result["source"] == "synthetic"
+  assert result["loss"] > np.log(256) - 0.1  # uniform random bytes: nothing to predict
 
 
 def test_cli_sample_greedy_is_generate(trained, loaded, capsys):
