@@ -4,6 +4,9 @@ token embedding -> N x [RMSNorm -> GQA attention (RoPE) -> residual, RMSNorm -> 
 residual] -> RMSNorm -> output head. No biases. The N decoder blocks are stored stacked (one
 array per weight with a leading 'layers' axis) and run with `jax.lax.scan`, so compile time
 does not grow with depth; `scan_layers: false` unrolls the same stacked arrays.
+
+`decode` is the same network over a KV cache stacked the same way ([layers, batch, length,
+kv_heads, head_dim]), for autoregressive sampling (paxlite.sample).
 """
 
 from __future__ import annotations
