@@ -1,5 +1,5 @@
-"""The `paxlite` command: `paxlite train CONFIG [key=value ...]`, and `sample`, `eval`,
-`export`, `import-hf` on run directories.
+"""The `paxlite` command: `paxlite train|shardings|bench CONFIG [key=value ...]`, `paxlite keys`,
+`paxlite plot RUN_DIR...`, and `sample`, `eval`, `export`, `import-hf` on run directories.
 
 Every user mistake (a bad key, type, size, path or mesh) ends as one line on stderr naming
 the key or file, and exit code 2; no traceback.
@@ -27,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
   train = sub.add_parser("train", help="train (or resume) the run a YAML config describes")
   train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
   train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100 mesh.data=2")
+  shardings = sub.add_parser("shardings", help="print where every parameter and activation lives on the mesh")
+  shardings.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+  shardings.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.fsdp=8")
+  shardings.add_argument("--devices", type=int, default=None, metavar="N",
+                         help="device count to lay the mesh over (default: the product of the mesh axes, or "
+                              "the devices present when an axis is -1); no devices are needed")
   bench = sub.add_parser("bench", help="time the compiled train step: tokens/s, TFLOP/s, MFU, memory")
   bench.add_argument("config", help="YAML config, e.g. configs/bench-1.7b.yaml")
   bench.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every run")
@@ -37,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                           "each runs in its own process")
   bench.add_argument("--json", action="store_true", help="print only the JSON result line(s)")
   bench.add_argument("--out", help="also append the JSON result lines to this file")
+  plot = sub.add_parser("plot", help="draw the loss and learning-rate curves of one or more runs")
+  plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
+  plot.add_argument("--out", default=None, help="image file to write (default RUN_DIR/loss.png of the first run)")
   keys = sub.add_parser("keys", help="list every config key with its default and meaning")
   keys.add_argument("--markdown", action="store_true", help="print a Markdown table")
   _add_generation_parsers(sub)
@@ -156,7 +165,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
   import json
 
-  from paxlite.evaluate import evaluate
+  from paxlite.evaluation import evaluate
   from paxlite.runs import load_run
 
   model, cfg = load_run(args.run_dir, step=args.step, overrides=args.overrides)
@@ -166,14 +175,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-  import jax
-  from flax import nnx
-
   from paxlite.export import export_hf
   from paxlite.runs import load_run
 
   model, cfg = load_run(args.run_dir, step=args.step, overrides=args.overrides)
-  files = export_hf(jax.device_get(nnx.to_pure_dict(nnx.state(model))), cfg, args.out_dir)
+  files = export_hf(model, cfg, args.out_dir)
   print(f"paxlite: wrote {', '.join(files)} to {args.out_dir}", file=sys.stderr)
   return 0
 
@@ -184,6 +190,24 @@ def _import_hf(args: argparse.Namespace) -> int:
   cfg = import_hf(args.hf_dir, args.config, args.overrides)
   print(f"paxlite: imported {args.hf_dir} into {cfg.run.dir}; train with: paxlite train "
         f"{cfg.run.dir}/config.yaml", file=sys.stderr)
+  return 0
+
+
+def _shardings(args: argparse.Namespace) -> int:
+  cfg = load_config(args.config, args.overrides)
+  if args.devices is not None and args.devices < 1:
+    raise ConfigError(f"--devices: expected a positive number of devices, got {args.devices}")
+  from paxlite.shardings import explain_sharding  # imports jax: after the config is known to be good
+
+  print(explain_sharding(cfg, num_devices=args.devices))
+  return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+  from paxlite.plot import plot_runs
+
+  out = args.out or f"{args.run_dirs[0].rstrip('/')}/loss.png"
+  print(f"paxlite: wrote {plot_runs(args.run_dirs, out)}", file=sys.stderr)
   return 0
 
 
@@ -199,8 +223,12 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command == "train":
       return _train(args)
+    if args.command == "shardings":
+      return _shardings(args)
     if args.command == "bench":
       return _bench(args)
+    if args.command == "plot":
+      return _plot(args)
     if args.command == "keys":
       return _keys(args)
     if args.command == "sample":

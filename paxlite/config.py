@@ -50,7 +50,7 @@ DEFAULT_RULES: list[list[Any]] = [
     ["head_dim", None],
     ["mlp", "tensor"],
     ["norm", None],
-    ["layers", None],
+    ["layers", "stage"],
 ]
 
 
@@ -101,9 +101,19 @@ class MeshConfig:
   fsdp: int = 1
   """Fully-sharded data-parallel axis size (parameters and optimiser state split)."""
   stage: int = 1
-  """Pipeline stages (1 until pipeline parallelism lands)."""
+  """Pipeline stages: the stacked layers split over this axis (rule `layers -> stage`)."""
   tensor: int = 1
   """Tensor-parallel axis size (heads and MLP split)."""
+
+
+@dataclass
+class PipelineConfig:
+  microbatches: int = 1
+  """Micro-batches per pipelined step (M); must divide train.batch_size / train.grad_accum."""
+  schedule: str = "gpipe"
+  """gpipe (bubble (P-1)/(M+P-1)) | circular (interleaved; bubble (P-1)/(R M+P-1), needs M >= P)."""
+  repeats: int = 1
+  """Virtual stages per device for the circular schedule (R); layers must divide by stage x repeats."""
 
 
 @dataclass
@@ -193,7 +203,7 @@ class RunConfig:
   tensorboard: bool = True
   """Write TensorBoard event files."""
   progress: str = "auto"
-  """Progress display: auto (a bar on a terminal, plain lines otherwise) | bar | lines."""
+  """Progress display: auto (a bar on a terminal or in a notebook, plain lines otherwise) | bar | lines."""
 
 
 @dataclass
@@ -201,6 +211,7 @@ class Config:
   model: ModelConfig = field(default_factory=ModelConfig)
   mesh: MeshConfig = field(default_factory=MeshConfig)
   rules: list[list[Any]] = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
+  pipeline: PipelineConfig = field(default_factory=PipelineConfig)
   precision: PrecisionConfig = field(default_factory=PrecisionConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
   data: DataConfig = field(default_factory=DataConfig)
@@ -437,8 +448,14 @@ def validate(cfg: Config) -> None:
       raise ConfigError(f"mesh.{axis}: expected a positive size or -1 (remaining devices), got {size}")
   if sum(getattr(cfg.mesh, a) == -1 for a in MESH_AXES) > 1:
     raise ConfigError("mesh: at most one of mesh.data|fsdp|stage|tensor may be -1")
-  if cfg.mesh.stage != 1:
-    raise ConfigError(f"mesh.stage: pipeline parallelism is not available yet, expected 1, got {cfg.mesh.stage}")
+  if cfg.mesh.stage == -1:
+    raise ConfigError("mesh.stage: expected an explicit number of pipeline stages, got -1")
+  pipe = cfg.pipeline
+  _positive("pipeline.microbatches", pipe.microbatches)
+  _positive("pipeline.repeats", pipe.repeats)
+  _choice("pipeline.schedule", pipe.schedule, ("gpipe", "circular"))
+  if pipe.schedule == "gpipe" and pipe.repeats != 1:
+    raise ConfigError(f"pipeline.repeats: the gpipe schedule has one repeat, got {pipe.repeats} (use schedule circular)")
   validate_rules(cfg.rules)
 
   _choice("precision.params", cfg.precision.params, DTYPES)
@@ -457,6 +474,19 @@ def validate(cfg: Config) -> None:
       raise ConfigError(f"train.{name}: expected a number in [0, 1), got {getattr(t, name)}")
   if t.batch_size % t.grad_accum:
     raise ConfigError(f"train.grad_accum: {t.grad_accum} must divide train.batch_size={t.batch_size}")
+  if cfg.mesh.stage > 1:
+    stages, micro, repeats = cfg.mesh.stage, pipe.microbatches, pipe.repeats
+    if m.num_layers % (stages * repeats):
+      raise ConfigError(
+          f"model.num_layers: {m.num_layers} layers do not split into mesh.stage={stages} x "
+          f"pipeline.repeats={repeats} equal stages")
+    if repeats > 1 and micro < stages:
+      raise ConfigError(
+          f"pipeline.microbatches: the circular schedule needs at least mesh.stage={stages} micro-batches, got {micro}")
+    if (t.batch_size // t.grad_accum) % micro:
+      raise ConfigError(
+          f"pipeline.microbatches: {micro} does not divide the {t.batch_size // t.grad_accum} sequences of a "
+          f"step's micro-batch (train.batch_size / train.grad_accum)")
 
   if not cfg.data.source:
     raise ConfigError("data.source: expected stdlib, synthetic or a path, got an empty string")

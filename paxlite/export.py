@@ -253,13 +253,19 @@ def _fresh_dir(path: str, what: str) -> None:
     raise ConfigError(f"{what}: '{path}' already exists and is not an empty directory")
 
 
-def export_hf(params: dict, cfg: Config, out_dir: str) -> list[str]:
-  """Writes a transformers-loadable Llama checkpoint of `params` (pure dict of host arrays)
-  into `out_dir` (new or empty): config.json, model.safetensors, tokenizer.json and
-  tokenizer_config.json. Written into a temporary sibling, then renamed: never half-written."""
+def export_hf(model: Any, cfg: Config, out_dir: str) -> list[str]:
+  """Writes a transformers-loadable Llama checkpoint of `model` (paxlite's Transformer, or its
+  parameters as a pure dict) into `out_dir` (new or empty): config.json, model.safetensors,
+  tokenizer.json and tokenizer_config.json; returns the file names. Written into a
+  temporary sibling, then renamed: never half-written."""
+  import jax
+  from flax import nnx
   from safetensors.numpy import save_file
 
+  from paxlite.models.build import pure_dict
+
   _fresh_dir(out_dir, "OUT_DIR")
+  params = jax.device_get(pure_dict(nnx.state(model)) if isinstance(model, nnx.Module) else model)
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix=".paxlite-export-")

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from paxlite.config import MESH_AXES, ConfigError, MeshConfig
+from paxlite.config import MESH_AXES, Config, ConfigError, MeshConfig
 
 
 def mesh_sizes(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:
@@ -35,12 +35,14 @@ def mesh_sizes(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:
   return sizes
 
 
-def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the 4-axis mesh over `devices` (default: all devices), Auto axis types.
+def make_mesh(cfg: Config | MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the 4-axis mesh of `cfg` (a whole Config or its `mesh` section) over `devices`
+  (default: all devices), with Auto axis types.
 
   Auto axes let the rules table act through sharding constraints while XLA propagates the
   rest; jax.make_mesh would default to Explicit axes, which this design does not use.
   """
+  mesh_cfg = cfg.mesh if isinstance(cfg, Config) else cfg
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_sizes(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)

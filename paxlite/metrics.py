@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -98,15 +99,23 @@ def _plain(value: Any) -> Any:
   return value
 
 
+def _in_notebook() -> bool:
+  return "ipykernel" in sys.modules
+
+
 class Progress:
-  """A tqdm bar on a terminal, plain lines otherwise (logs of batch jobs stay readable)."""
+  """A tqdm bar on a terminal or in a notebook, plain lines otherwise (logs of batch jobs stay
+  readable). In a notebook with ipywidgets the bar is tqdm's widget, else its text bar."""
 
   def __init__(self, total: int, initial: int = 0, mode: str = "auto", enabled: bool = True):
     self.enabled = enabled
-    use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+    use_bar = mode == "bar" or (mode == "auto" and (sys.stderr.isatty() or _in_notebook()))
     self._bar = None
     if enabled and use_bar:
-      from tqdm import tqdm
+      if _in_notebook() and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm
+      else:
+        from tqdm import tqdm
 
       self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 

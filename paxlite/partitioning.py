@@ -26,6 +26,10 @@ LogicalNames = tuple[str | None, ...]
 _RULES: contextvars.ContextVar[tuple[tuple[str, tuple[str, ...] | None], ...] | None] = (
     contextvars.ContextVar("paxlite_axis_rules", default=None)
 )
+# While set (by `record_constraints`), every `constrain` call appends (names, shape, dtype).
+_RECORDED: contextvars.ContextVar[list[tuple[LogicalNames, tuple[int, ...], Any]] | None] = (
+    contextvars.ContextVar("paxlite_recorded_constraints", default=None)
+)
 
 
 def normalize_rules(rules: Rules) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
@@ -113,12 +117,29 @@ def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
   Called at block boundaries so that the rules, not XLA's propagation guesses, decide the
   layout of activations (batch over data/fsdp, heads and mlp over tensor, ...).
   """
+  recorded = _RECORDED.get()
+  if recorded is not None:
+    recorded.append((tuple(names), tuple(x.shape), x.dtype))
   rules = _RULES.get()
   mesh = jax.sharding.get_abstract_mesh()
   if rules is None or mesh is None or mesh.empty:
     return x
   spec = resolve(names, rules, shape=x.shape, mesh_shape=_mesh_shape(mesh), what=f"activation {tuple(names)}")
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+@contextlib.contextmanager
+def record_constraints() -> Iterator[list[tuple[LogicalNames, tuple[int, ...], Any]]]:
+  """Collects (logical names, shape, dtype) of every `constrain` call traced inside the block.
+
+  This is how `paxlite shardings` learns a model's activation layout: it traces the forward
+  pass abstractly and reads back what the model itself constrained, custom models included.
+  """
+  token = _RECORDED.set([])
+  try:
+    yield _RECORDED.get()
+  finally:
+    _RECORDED.reset(token)
 
 
 # ---------------------------------------------------------------------------------------

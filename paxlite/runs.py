@@ -13,13 +13,12 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding
 
-from paxlite.checkpoint import Checkpointer
+from paxlite.checkpoint import Checkpointer, abstract_like
 from paxlite.config import Config, ConfigError, apply_overrides, config_from_dict, read_yaml, validate
 from paxlite.mesh import make_mesh
+from paxlite.models.build import default_model_fn, layout_model
 from paxlite.models.transformer import Transformer
-from paxlite.trainer import _no_eager_sharding, _pure_dict, default_model_fn, param_layout
 
 # Inference defaults to plain data parallelism over the local devices, whatever mesh the run
 # trained on; `mesh.*` overrides choose another (e.g. mesh.data=1 mesh.tensor=8 for a model
@@ -69,20 +68,14 @@ def load_run(run_dir: str, *, step: int | None = None,
   >>> logits = model(jnp.asarray([[72, 105]]))
   """
   cfg = run_config(run_dir, overrides)
-  mesh = make_mesh(cfg.mesh, jax.local_devices())
-  with _no_eager_sharding():
-    abstract_model = nnx.eval_shape(lambda: default_model_fn(cfg)(nnx.Rngs(0)))
-  graphdef, abstract_state = nnx.split(abstract_model)
-  specs, _ = param_layout(abstract_state, cfg.rules, mesh)
-  abstract_params = jax.tree.map(
-      lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
-      _pure_dict(abstract_state), specs)
+  mesh = make_mesh(cfg, jax.local_devices())
+  layout = layout_model(default_model_fn(cfg), cfg.rules, mesh)
   checkpointer, step = checkpoint_step(run_dir, cfg, step)
   try:
-    params = checkpointer.restore_params(step, abstract_params)
+    params = checkpointer.restore_params(step, abstract_like(layout.shapes, layout.shardings(mesh)))
   except (ValueError, KeyError) as e:  # shapes or names differ: the config no longer matches
     first = " ".join(str(e).split())[:300]
     raise ConfigError(f"run directory '{run_dir}': checkpoint {step} does not match its config.yaml ({first})") from None
   finally:
     checkpointer.close()
-  return nnx.merge(graphdef, params), cfg
+  return nnx.merge(layout.graphdef, params), cfg

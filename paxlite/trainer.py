@@ -25,64 +25,18 @@ from paxlite.checkpoint import Checkpointer, abstract_like
 from paxlite.config import Config, ConfigError
 from paxlite.mesh import describe, make_mesh
 from paxlite.metrics import MetricsWriter, Progress, Timer, flops_per_token, peak_flops_for
-from paxlite.models.transformer import Transformer
-from paxlite.numerics import DtypePolicy
-from paxlite.partitioning import axis_rules, constrain, resolve, variable_names, path_str
-
-ModelFn = Callable[[nnx.Rngs], nnx.Module]
+from paxlite.models.build import ModelFn, default_model_fn, init_params, layout_model, pipeline_schedule
+from paxlite.models.build import param_layout  # noqa: F401  (moved there; still importable from here)
+from paxlite.partitioning import axis_rules, constrain, resolve
 
 
-def _no_eager_sharding():
-  # Parameters are created under jit with explicit out_shardings from paxlite's own resolver;
-  # NNX's eager sharding (its own resolver, no fallback rules) must stay out of the way.
-  use = getattr(nnx, "use_eager_sharding", None)
-  return use(False) if use is not None else contextlib.nullcontext()
-
-
-def default_model_fn(cfg: Config) -> ModelFn:
-  policy = DtypePolicy.from_config(cfg.precision)
-  return lambda rngs: Transformer(cfg.model, policy, rngs=rngs)
-
-
-def _pure_dict(state: nnx.State) -> dict:
-  """Nested dict of raw arrays: the form params take in optax, Orbax and jit."""
-  return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
-
-
-def _flat_variables(state: nnx.State) -> list[tuple[tuple[Any, ...], Any]]:
-  flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
-  return [(tuple(path), var) for path, var in flat]
-
-
-def _nest(flat: list[tuple[tuple[Any, ...], Any]]) -> dict:
-  out: dict = {}
-  for path, value in flat:
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return out
-
-
-def param_layout(abstract_state: nnx.State, rules, mesh: Mesh) -> tuple[dict, dict]:
-  """(specs, logical names) as pure dicts mirroring the parameter tree."""
-  mesh_shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  specs, names = [], []
-  for path, var in _flat_variables(abstract_state):
-    shape = tuple(var.shape)
-    what = f"parameter '{path_str(path)}' {shape}"
-    logical = variable_names(var)
-    if logical is None:
-      if shape:
-        raise ConfigError(f"{what}: has no logical axis names (create it with nnx.with_partitioning)")
-      logical = ()
-    specs.append((path, resolve(logical, rules, shape=shape, mesh_shape=mesh_shape, what=what)))
-    names.append((path, logical))
-  return _nest(specs), _nest(names)
-
-
-def _is_spec(x: Any) -> bool:
-  return isinstance(x, P)
+def opt_state_like(abstract_opt: Any, param_shapes: Any, params_like: Any, other: Any) -> Any:
+  """A tree shaped like the optimizer state: every subtree shaped like the parameters (Adam's
+  moments) becomes `params_like`, every other leaf (counts) `other`. With shardings, the
+  moments are sharded exactly like their parameters (ZeRO: split over fsdp)."""
+  param_treedef = jax.tree.structure(param_shapes)
+  is_params = lambda node: jax.tree.structure(node) == param_treedef
+  return jax.tree.map(lambda node: params_like if is_params(node) else other, abstract_opt, is_leaf=is_params)
 
 
 def lr_schedule(cfg: Config) -> Callable[[jax.Array], jax.Array]:
@@ -138,43 +92,39 @@ class Trainer:
 
   def __init__(self, cfg: Config, *, model_fn: ModelFn | None = None, mesh: Mesh | None = None):
     self.cfg = cfg
-    self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
+    self.mesh = mesh if mesh is not None else make_mesh(cfg)
     self.rules = cfg.rules
     self.model_fn = model_fn or default_model_fn(cfg)
     self.is_writer = jax.process_index() == 0
 
-    with _no_eager_sharding():
-      abstract_model = nnx.eval_shape(lambda: self.model_fn(nnx.Rngs(cfg.run.seed)))
-    self.graphdef, abstract_state = nnx.split(abstract_model)
-    self.param_specs, self.logical_names = param_layout(abstract_state, self.rules, self.mesh)
-    self.param_shapes = _pure_dict(abstract_state)
-    self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(self.param_shapes))
+    self.layout = layout_model(self.model_fn, self.rules, self.mesh)
+    self.graphdef = self.layout.graphdef
+    self.param_specs, self.logical_names = self.layout.specs, self.layout.logical_names
+    self.param_shapes = self.layout.shapes
+    self.num_params = self.layout.num_params
 
     self.tx = make_optimizer(cfg, self.logical_names)
-    self.schedule = lr_schedule(cfg)
-    param_shardings = self._named(self.param_specs)
-    abstract_opt = jax.eval_shape(self.tx.init, self.param_shapes)
-    param_treedef = jax.tree.structure(self.param_shapes)
+    self.lr_schedule = lr_schedule(cfg)
+    param_shardings = self.layout.shardings(self.mesh)
     replicated = NamedSharding(self.mesh, P())
-    # Optimizer moments mirror the parameters and take their shardings (ZeRO: sharded over fsdp).
-    opt_shardings = jax.tree.map(
-        lambda node: param_shardings if jax.tree.structure(node) == param_treedef else replicated,
-        abstract_opt,
-        is_leaf=lambda node: jax.tree.structure(node) == param_treedef,
-    )
+    opt_shardings = opt_state_like(jax.eval_shape(self.tx.init, self.param_shapes), self.param_shapes,
+                                   param_shardings, replicated)
     self.state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
 
     batch, accum = cfg.train.batch_size, cfg.train.grad_accum
+    self.pipeline = pipeline_schedule(cfg)
+    micro = accum * (self.pipeline.microbatches if self.pipeline else 1)
     ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    if (batch // accum) % ways:
+    if (batch // micro) % ways:
       raise ConfigError(
-          f"train.batch_size: {batch} sequences over {accum} micro-batches gives {batch // accum} per "
-          f"micro-batch, which data x fsdp = {ways} devices do not divide"
+          f"train.batch_size: {batch} sequences over {micro} micro-batches (grad_accum x pipeline.microbatches) "
+          f"gives {batch // micro} per micro-batch, which data x fsdp = {ways} devices do not divide"
       )
     self.batch_sharding = NamedSharding(
         self.mesh, resolve(("batch", "length"), self.rules, what="input batch")
     )
     self.tokens_per_step = batch * cfg.model.seq_len
+    # A custom model's embedding parameters cannot be told apart: its estimate is 6 x all parameters.
     self.flops_per_token = flops_per_token(cfg.model) if model_fn is None else 6.0 * self.num_params
     kind = self.mesh.devices.flat[0].device_kind
     self.peak_flops = cfg.run.peak_flops or peak_flops_for(kind)
@@ -189,9 +139,6 @@ class Trainer:
 
   # -- sharding helpers ------------------------------------------------------------------
 
-  def _named(self, specs: Any) -> Any:
-    return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs, is_leaf=_is_spec)
-
   @contextlib.contextmanager
   def activate(self) -> Iterator[None]:
     """Mesh and rules in force while tracing and running the compiled functions."""
@@ -202,15 +149,11 @@ class Trainer:
 
   def init_state(self) -> dict[str, Any]:
     """Creates parameters and optimizer state directly in their shards on the devices."""
-
-    def create():
-      with _no_eager_sharding():
-        model = self.model_fn(nnx.Rngs(self.cfg.run.seed))
-      params = _pure_dict(nnx.state(model))
-      return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
+    params = init_params(self.model_fn, self.layout, self.mesh, self.rules, self.cfg.run.seed)
     with self.activate():
-      return jax.jit(create, out_shardings=self.state_shardings)()
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
+    return {"params": params, "opt_state": opt_state, "step": step}
 
   def abstract_state(self) -> Any:
     shapes = jax.eval_shape(lambda: {"params": self.param_shapes, "opt_state": self.tx.init(self.param_shapes),
@@ -254,7 +197,7 @@ class Trainer:
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-    return new_state, {"loss": nll, "grad_norm": grad_norm, "lr": self.schedule(state["step"])}
+    return new_state, {"loss": nll, "grad_norm": grad_norm, "lr": self.lr_schedule(state["step"])}
 
   def _eval_fn(self, params: Any, batch_bt: jax.Array) -> jax.Array:
     return self._loss_fn(params, batch_bt)[1]
@@ -333,7 +276,18 @@ class Trainer:
 
     Resumes from run.dir's latest checkpoint when there is one. Writes config.yaml,
     metrics.jsonl, TensorBoard events and checkpoints/ into run.dir (process 0 only, except
-    the checkpoint shards). Returns the logged metric records.
+    the checkpoint shards). Returns the logged metric records; `train_iter` streams them.
+    """
+    return list(self.train_iter(steps, resume=resume))
+
+  def train_iter(self, steps: int | None = None, *, resume: bool = True) -> Iterator[dict[str, Any]]:
+    """`train`, yielding each logged metric record as soon as it is written.
+
+    >>> for record in trainer.train_iter(steps=100):
+    ...   losses.append(record["loss"])
+
+    Leaving the loop early stops training after the step just logged (checkpoints already
+    written stay; the final one is only forced when `steps` is reached).
     """
     cfg = self.cfg
     total = cfg.train.steps if steps is None else steps
@@ -352,7 +306,6 @@ class Trainer:
     progress = Progress(total=total, initial=done, mode=cfg.run.progress, enabled=self.is_writer)
     compiled, compile_s = self.compile_step()
     progress.message(self._banner(compile_s, start_step))
-    history: list[dict[str, Any]] = []
     timer, steps_since_log = Timer(), 0
     try:
       while done < total:
@@ -363,16 +316,18 @@ class Trainer:
         steps_since_log += 1
         progress.update()
         last = done == total
+        record = None
         if done % cfg.train.log_every == 0 or last or done == 1:
           record = {k: float(v) for k, v in jax.device_get(metrics).items()}
           record.update(self._speed(timer.lap() / steps_since_log))
           if done == 1:
             record["compile_s"] = compile_s
+          if self.pipeline is not None:
+            record["pipeline_bubble"] = self.pipeline.bubble
           steps_since_log = 0
           if cfg.eval.every and (done % cfg.eval.every == 0 or last):
             record["eval_loss"] = self.evaluate()
             timer.lap()  # evaluation time is not step time
-          history.append({"step": done, **record})
           if writer is not None:
             writer.write(done, record)
           progress.log(done, record)
@@ -380,13 +335,15 @@ class Trainer:
             raise FloatingPointError(f"loss is {record['loss']} at step {done}")
         if last or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
           self.save(force=last)
+        if record is not None:
+          yield {"step": done, **record}
+          timer.lap()  # the caller's time between records is not step time either
     finally:
       if self._checkpointer is not None:
         self._checkpointer.wait()
       progress.close()
       if writer is not None:
         writer.close()
-    return history
 
   def _speed(self, step_time_s: float) -> dict[str, float | None]:
     n = self.mesh.devices.size
@@ -409,6 +366,10 @@ class Trainer:
         f"batch {cfg.train.batch_size}x{cfg.model.seq_len}",
         f"compile {compile_s:.1f}s",
     ]
+    if self.pipeline is not None:
+      p = self.pipeline
+      parts.append(f"pipeline {cfg.pipeline.schedule} P={p.stages} M={p.microbatches} R={p.repeats} "
+                   f"bubble {p.bubble:.3f}")
     if resumed_from is not None:
       parts.append(f"resumed from step {resumed_from}")
     return " | ".join(parts)

@@ -17,7 +17,8 @@ from paxlite.config import ConfigError, load_config
 from paxlite.data import ByteTokenizer
 from paxlite.export import byte_tokenizer_json, export_hf, from_hf_tensors, import_hf, read_hf, to_hf_tensors
 from paxlite.runs import load_run
-from paxlite.trainer import Trainer, _pure_dict
+from paxlite.models.build import pure_dict
+from paxlite.trainer import Trainer
 
 BASE = {
     "model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4, "model.d_ff": 128, "model.seq_len": 32,
@@ -44,7 +45,7 @@ def exported(tmp_path_factory):
     params = jax.device_get(trainer.state["params"])
     logits = np.asarray(trainer.model()(jnp.asarray(tokens)))
     hf_dir = str(tmp_path_factory.mktemp(name) / "hf")
-    files = export_hf(params, cfg, hf_dir)
+    files = export_hf(trainer.model(), cfg, hf_dir)  # a model; the other tests pass params
     assert files == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     out[name] = (cfg, params, tokens, logits, hf_dir)
   return out
@@ -92,7 +93,7 @@ def test_paxlite_hf_paxlite_gives_identical_arrays(exported, tmp_path):
   assert imported.data.tokenizer == str(run_dir / "tokenizer.json")
   model, loaded = load_run(str(run_dir), overrides=["mesh.fsdp=2"])  # another mesh than the import
   assert loaded.model == imported.model
-  assert_trees_equal(jax.device_get(_pure_dict(nnx.state(model))), params)
+  assert_trees_equal(jax.device_get(pure_dict(nnx.state(model))), params)
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), logits, rtol=1e-4, atol=1e-4)
 
 

@@ -10,7 +10,7 @@ MESH = {"data": 2, "fsdp": 2, "stage": 1, "tensor": 2}
 def test_default_rules_megatron_and_zero3_layout():
   assert resolve(("embed", "heads", "head_dim"), DEFAULT_RULES) == P("fsdp", "tensor", None)
   assert resolve(("heads", "head_dim", "embed"), DEFAULT_RULES) == P("tensor", None, "fsdp")
-  assert resolve(("layers", "embed", "mlp"), DEFAULT_RULES) == P(None, "fsdp", "tensor")
+  assert resolve(("layers", "embed", "mlp"), DEFAULT_RULES) == P("stage", "fsdp", "tensor")
   assert resolve(("batch", "length", "act_embed"), DEFAULT_RULES) == P(("data", "fsdp"), None, None)
   assert resolve(("vocab", "embed"), DEFAULT_RULES) == P("tensor", "fsdp")
 

@@ -12,10 +12,11 @@ from flax import nnx
 from paxlite import cli
 from paxlite.config import ConfigError, load_config
 from paxlite.data import ByteTokenizer
-from paxlite.evaluate import evaluate
+from paxlite.evaluation import evaluate
 from paxlite.runs import load_run
 from paxlite.sample import generate
-from paxlite.trainer import Trainer, _pure_dict
+from paxlite.models.build import pure_dict
+from paxlite.trainer import Trainer
 
 RUN = {
     "model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4, "model.num_kv_heads": 2,
@@ -41,7 +42,7 @@ def loaded(trained):
 
 
 def params_of(model):
-  return jax.device_get(_pure_dict(nnx.state(model)))
+  return jax.device_get(pure_dict(nnx.state(model)))
 
 
 def test_load_run_restores_the_last_parameters_on_the_inference_mesh(trained, loaded):
@@ -51,6 +52,15 @@ def test_load_run_restores_the_last_parameters_on_the_inference_mesh(trained, lo
   assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (-1, 1, 1)  # data parallel over the local devices
   q = model.blocks.attn.q.kernel[...]
   assert q.sharding.mesh.shape["data"] == 8 and q.addressable_shards[0].data.shape == q.shape
+
+
+def test_python_api_names():
+  import paxlite
+  from paxlite import evaluation, export, runs, sample
+
+  assert paxlite.load is runs.load_run and paxlite.load_run is runs.load_run
+  assert paxlite.generate is sample.generate and paxlite.evaluate is evaluation.evaluate
+  assert paxlite.export_hf is export.export_hf and paxlite.import_hf is export.import_hf
 
 
 def test_load_run_step_and_mesh_overrides(trained):

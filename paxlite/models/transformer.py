@@ -21,7 +21,8 @@ from paxlite.config import ModelConfig
 from paxlite.models.attention import KV, Attention, write_at
 from paxlite.models.layers import Einsum, Embed, RMSNorm, scaled_normal
 from paxlite.numerics import DtypePolicy
-from paxlite.partitioning import constrain
+from paxlite.partitioning import constrain, variable_names
+from paxlite.pipeline import Schedule, pipeline_apply
 
 
 def _save_dots_and_attention(prim, *args, **params) -> bool:
@@ -96,8 +97,9 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) 
 class Transformer(nnx.Module):
   """Decoder-only LM: tokens [batch, length] int32 -> logits [batch, length, vocab] float32."""
 
-  def __init__(self, cfg: ModelConfig, policy: DtypePolicy, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, policy: DtypePolicy, *, rngs: nnx.Rngs, pipeline: Schedule | None = None):
     self.cfg = cfg
+    self.pipeline = pipeline
     common = dict(param_dtype=policy.param_dtype, compute_dtype=policy.compute_dtype)
     self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs, **common)
     self.blocks = stacked(lambda r: DecoderBlock(cfg, rngs=r, **common), cfg.num_layers, rngs)
@@ -159,15 +161,37 @@ class Transformer(nnx.Module):
   def _run_blocks(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
     graphdef, layer_state = nnx.split(self.blocks)
 
-    def block_fn(x, one_layer_state):
-      return nnx.merge(graphdef, one_layer_state)(x, positions_bt)[0]
+    def block_fn(x, one_layer_state, positions):
+      return nnx.merge(graphdef, one_layer_state)(x, positions)[0]
 
     if self.cfg.remat != "none":
       block_fn = jax.checkpoint(block_fn, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
 
+    if self.pipeline is not None:
+      return self._run_pipeline(block_fn, layer_state, x_btd, positions_bt)
     if self.cfg.scan_layers:
-      x_btd, _ = jax.lax.scan(lambda x, s: (block_fn(x, s), None), x_btd, layer_state)
+      x_btd, _ = jax.lax.scan(lambda x, s: (block_fn(x, s, positions_bt), None), x_btd, layer_state)
       return x_btd
     for i in range(self.cfg.num_layers):
-      x_btd = block_fn(x_btd, jax.tree.map(lambda a: a[i], layer_state))
+      x_btd = block_fn(x_btd, jax.tree.map(lambda a: a[i], layer_state), positions_bt)
     return x_btd
+
+  def _run_pipeline(self, block_fn, layer_state, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
+    """The stacked blocks as pipeline stages over the `stage` mesh axis (paxlite.pipeline)."""
+    flat = nnx.to_flat_state(layer_state) if hasattr(nnx, "to_flat_state") else layer_state.flat_state()
+    params, names = {}, {}
+    for path, var in flat:
+      node_p, node_n = params, names
+      for key in path[:-1]:
+        node_p, node_n = node_p.setdefault(key, {}), node_n.setdefault(key, {})
+      node_p[path[-1]], node_n[path[-1]] = var[...], variable_names(var)
+    m = self.pipeline.microbatches
+    b, t = x_btd.shape[:2]
+
+    def split(a):  # micro-batch k takes rows k, k+M, ...: no data moves between devices
+      return a.reshape(b // m, m, *a.shape[1:]).swapaxes(0, 1)
+
+    inputs = (constrain(split(x_btd), (None, "batch", "length", "act_embed")), split(positions_bt))
+    outputs, _ = pipeline_apply(lambda c, w: (block_fn(c[0], w, c[1]), c[1]), params, names, inputs,
+                                self.pipeline, remat_policy=jax.checkpoint_policies.nothing_saveable)
+    return constrain(outputs.swapaxes(0, 1).reshape(b, t, -1), ("batch", "length", "act_embed"))
