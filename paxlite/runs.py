@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from paxlite.checkpoint import Checkpointer, abstract_like
+from paxlite.checkpoint import Checkpointer, abstract_like, flat_shapes
 from paxlite.config import Config, ConfigError, apply_overrides, config_from_dict, read_yaml, validate
 from paxlite.mesh import make_mesh
 from paxlite.models.build import default_model_fn, layout_model
@@ -55,6 +55,14 @@ def checkpoint_step(run_dir: str, cfg: Config, step: int | None) -> tuple[Checkp
   raise ConfigError(f"--step: run directory '{run_dir}' has no checkpoint {step} (it has {sorted(steps)})")
 
 
+def _check_shapes(stored: dict[str, tuple[int, ...]], shapes: dict, what: str) -> None:
+  expected = flat_shapes(shapes)
+  for name in sorted(stored.keys() | expected.keys()):
+    if stored.get(name) != expected.get(name):
+      raise ConfigError(f"{what} does not match the config: parameter '{name}' is {stored.get(name, 'absent')} there, "
+                        f"{expected.get(name, 'absent')} with this config (were model.* keys overridden?)")
+
+
 def load_run(run_dir: str, *, step: int | None = None,
              overrides: dict[str, Any] | list[str] | None = None) -> tuple[Transformer, Config]:
   """The model of `run_dir` with the parameters of checkpoint `step` (default: the latest).
@@ -72,10 +80,9 @@ def load_run(run_dir: str, *, step: int | None = None,
   layout = layout_model(default_model_fn(cfg), cfg.rules, mesh)
   checkpointer, step = checkpoint_step(run_dir, cfg, step)
   try:
+    # Checked up front: a failed Orbax restore leaves background tasks that print tracebacks at exit.
+    _check_shapes(checkpointer.stored_param_shapes(step), layout.shapes, f"run directory '{run_dir}': checkpoint {step}")
     params = checkpointer.restore_params(step, abstract_like(layout.shapes, layout.shardings(mesh)))
-  except (ValueError, KeyError) as e:  # shapes or names differ: the config no longer matches
-    first = " ".join(str(e).split())[:300]
-    raise ConfigError(f"run directory '{run_dir}': checkpoint {step} does not match its config.yaml ({first})") from None
   finally:
     checkpointer.close()
   return nnx.merge(layout.graphdef, params), cfg

@@ -156,7 +156,7 @@ def test_cli_export_then_import_hf(trained, tmp_path, capsys):
     (["sample", "{run}", "--prompt", "x", "--max-new-tokens", "40"], "max_new_tokens: a prompt of 1 tokens plus 40"),
     (["sample", "{run}", "--prompt", "", "--max-new-tokens", "4"], "--prompt: prompt 1 is empty"),
     (["sample", "{run}", "--prompt", "x" * 32], "--prompt: a prompt of 32 tokens leaves no room under model.max_seq_len=32"),
-    (["sample", "{run}", "--prompt", "x", "model.d_model=32"], "does not match its config.yaml"),
+    (["sample", "{run}", "--prompt", "x", "model.d_model=32"], "does not match the config: parameter 'blocks.attn.k.kernel'"),
     (["sample", "{run}", "--prompt", "x", "mesh.data=3"], "mesh: data=3"),
     (["eval", "{run}", "--data", "/no/such/file.txt"], "data.source: file '/no/such/file.txt' not found"),
     (["eval", "{run}", "--batches", "0"], "--batches: expected a positive integer, got 0"),
