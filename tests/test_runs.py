@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,9 +15,9 @@ from paxlite import cli
 from paxlite.config import ConfigError, load_config
 from paxlite.data import ByteTokenizer
 from paxlite.evaluation import evaluate
+from paxlite.models.build import pure_dict
 from paxlite.runs import load_run
 from paxlite.sample import generate
-from paxlite.models.build import pure_dict
 from paxlite.trainer import Trainer
 
 RUN = {
@@ -171,3 +173,14 @@ def test_cli_errors_are_one_line_and_write_nothing(trained, capsys, args, messag
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("paxlite: error: ") and message.format(run=run_dir) in err[0], err
   assert sorted(os.listdir(run_dir)) == before
+
+
+def test_cli_error_in_a_fresh_process_is_one_line(trained, repo_root):
+  # In-process tests cannot see what prints at interpreter exit (e.g. from background threads).
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-m", "paxlite", "sample", trained[0], "--prompt", "x", "model.d_model=32"],
+                        capture_output=True, text=True, cwd=repo_root, env=env)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      f"paxlite: error: run directory '{trained[0]}': checkpoint 4 does not match the config: parameter "
+      "'blocks.attn.k.kernel' is (2, 64, 2, 16) there, (2, 32, 2, 8) with this config (were model.* keys overridden?)"]
