@@ -63,8 +63,10 @@ def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
   sample.add_argument("--max-new-tokens", type=int,
                       help="tokens to generate per sample (default: up to model.max_seq_len)")
   sample.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")
-  sample.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0: all (default 40)")
-  sample.add_argument("--top-p", type=float, default=0.95, help="nucleus: the smallest set of tokens with this mass (default 0.95)")
+  sample.add_argument("--top-k", type=int, default=40,
+                      help="sample among the k most likely tokens; 0: all (default 40)")
+  sample.add_argument("--top-p", type=float, default=0.95,
+                      help="nucleus: the smallest set of tokens with this mass (default 0.95)")
   sample.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
   sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
   sample.add_argument("--step", **step)
@@ -72,7 +74,8 @@ def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
   evaluate.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")
   evaluate.add_argument("overrides", **overrides)
   evaluate.add_argument("--data", help="a text or .jsonl file or a directory to score instead of the run's split")
-  evaluate.add_argument("--split", choices=("val", "train"), default="val", help="split of the run's corpus (default val)")
+  evaluate.add_argument("--split", choices=("val", "train"), default="val",
+                        help="split of the run's corpus (default val)")
   evaluate.add_argument("--batches", type=int, help="score at most this many batches (default: every sequence)")
   evaluate.add_argument("--batch-size", type=int, help="sequences per batch (default train.batch_size)")
   evaluate.add_argument("--step", **step)

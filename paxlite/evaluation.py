@@ -51,7 +51,8 @@ def _windows(cfg: Config, data: str | None, split: str, batch_size: int,
     corpus = data_lib.load_corpus(cfg.data)
     tokens, label = (corpus.val if split == "val" else corpus.train), f"{split} split of {cfg.data.source}"
   if corpus.tokenizer.vocab_size > cfg.model.vocab_size:
-    raise ConfigError(f"data.tokenizer: {corpus.tokenizer.vocab_size} tokens do not fit model.vocab_size={cfg.model.vocab_size}")
+    raise ConfigError(f"data.tokenizer: {corpus.tokenizer.vocab_size} tokens do not fit "
+                      f"model.vocab_size={cfg.model.vocab_size}")
   windows = data_lib.TokenWindows(tokens, seq_len)
   if not len(windows):
     raise ConfigError(f"{'--data' if data else 'data.source'}: {label} holds {tokens.shape[0]} tokens, fewer than one "

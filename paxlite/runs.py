@@ -81,7 +81,8 @@ def load_run(run_dir: str, *, step: int | None = None,
   checkpointer, step = checkpoint_step(run_dir, cfg, step)
   try:
     # Checked up front: a failed Orbax restore leaves background tasks that print tracebacks at exit.
-    _check_shapes(checkpointer.stored_param_shapes(step), layout.shapes, f"run directory '{run_dir}': checkpoint {step}")
+    _check_shapes(checkpointer.stored_param_shapes(step), layout.shapes,
+                  f"run directory '{run_dir}': checkpoint {step}")
     params = checkpointer.restore_params(step, abstract_like(layout.shapes, layout.shardings(mesh)))
   finally:
     checkpointer.close()
