@@ -242,6 +242,26 @@ class Checkpointer:
       step, self._writing = self._writing, None
       raise self._failed(step, e) from e
 
+  def stored_param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """{'blocks.attn.q.kernel': shape, ...} of the parameters saved at `step`, read from the
+    checkpoint's metadata alone (no array is read)."""
+    from etils import epath
+
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      meta = handler.metadata(epath.Path(self.directory) / str(step) / "state")
+    finally:
+      handler.close()
+    return flat_shapes(getattr(meta, "tree", meta)["params"])
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Reads only the parameters of `step` (Orbax partial restore: the optimizer state is
+    never read) onto the shardings carried by `abstract_params`."""
+    item = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+
   def wait(self) -> None:
     """Blocks until the background write is complete; CheckpointError if it failed."""
     try:
@@ -321,3 +341,9 @@ class Checkpointer:
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `tree` (arrays or abstract arrays) with the given shardings."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'a.b.c': shape} for every leaf of a nested dict of arrays, ShapeDtypeStructs or metadata."""
+  return {".".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

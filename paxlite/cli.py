@@ -1,4 +1,5 @@
-"""The `paxlite` command: `paxlite train|shardings|bench CONFIG [key=value ...]`, `paxlite keys`.
+"""The `paxlite` command: `paxlite train|shardings|bench CONFIG [key=value ...]`, `paxlite keys`,
+`paxlite plot RUN_DIR...`, and `sample`, `eval`, `export`, `import-hf` on run directories.
 
 Every user mistake (a bad key, type, size, path or mesh) ends as one line on stderr naming
 the key or file, and exit code 2; no traceback. A checkpoint that cannot be written ends as
@@ -53,7 +54,47 @@ def _parser() -> argparse.ArgumentParser:
   plot.add_argument("--out", default=None, help="image file to write (default RUN_DIR/loss.png of the first run)")
   keys = sub.add_parser("keys", help="list every config key with its default and meaning")
   keys.add_argument("--markdown", action="store_true", help="print a Markdown table")
+  _add_generation_parsers(sub)
   return parser
+
+
+def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
+  """sample, eval, export, import-hf: commands on a trained run directory."""
+  overrides = dict(nargs="*", help="dotted key=value overrides of the run's config, e.g. mesh.tensor=2")
+  step = dict(type=int, help="checkpoint step to load (default: the latest)")
+  sample = sub.add_parser("sample", help="continue prompts with a trained model (KV-cache decoding)")
+  sample.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")
+  sample.add_argument("overrides", **overrides)
+  sample.add_argument("--prompt", action="append", required=True, help="text to continue; repeat for a batch")
+  sample.add_argument("--max-new-tokens", type=int,
+                      help="tokens to generate per sample (default: up to model.max_seq_len)")
+  sample.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")
+  sample.add_argument("--top-k", type=int, default=40,
+                      help="sample among the k most likely tokens; 0: all (default 40)")
+  sample.add_argument("--top-p", type=float, default=0.95,
+                      help="nucleus: the smallest set of tokens with this mass (default 0.95)")
+  sample.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
+  sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+  sample.add_argument("--step", **step)
+  evaluate = sub.add_parser("eval", help="validation loss and perplexity of a trained model")
+  evaluate.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")
+  evaluate.add_argument("overrides", **overrides)
+  evaluate.add_argument("--data", help="a text or .jsonl file or a directory to score instead of the run's split")
+  evaluate.add_argument("--split", choices=("val", "train"), default="val",
+                        help="split of the run's corpus (default val)")
+  evaluate.add_argument("--batches", type=int, help="score at most this many batches (default: every sequence)")
+  evaluate.add_argument("--batch-size", type=int, help="sequences per batch (default train.batch_size)")
+  evaluate.add_argument("--step", **step)
+  export = sub.add_parser("export", help="write a run's model as a Hugging Face Llama checkpoint")
+  export.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")
+  export.add_argument("out_dir", help="new (or empty) directory for the checkpoint")
+  export.add_argument("overrides", **overrides)
+  export.add_argument("--format", choices=("hf",), default="hf", help="hf: transformers LlamaForCausalLM (default)")
+  export.add_argument("--step", **step)
+  imp = sub.add_parser("import-hf", help="start a run directory from a local Hugging Face Llama checkpoint")
+  imp.add_argument("hf_dir", help="directory with config.json and model.safetensors (or its shards)")
+  imp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. run.dir=runs/llama")
+  imp.add_argument("--config", help="YAML config for training (model.* keys come from config.json)")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -133,6 +174,56 @@ def _train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+  if args.num_samples <= 0:
+    raise ConfigError(f"--num-samples: expected a positive integer, got {args.num_samples}")
+  from paxlite.data import load_tokenizer
+  from paxlite.runs import load_run
+  from paxlite.sample import sample_text
+
+  model, cfg = load_run(args.run_dir, step=args.step, overrides=args.overrides)
+  prompts = [p for p in args.prompt for _ in range(args.num_samples)]
+  texts = sample_text(model, load_tokenizer(cfg.data.tokenizer), prompts, rules=cfg.rules,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed)
+  for i, (prompt, text) in enumerate(zip(prompts, texts)):
+    if len(prompts) > 1:
+      print(f"{'' if i == 0 else chr(10)}==> sample {i + 1} <==")
+    print(prompt + text, flush=True)
+  return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+  import json
+
+  from paxlite.evaluation import evaluate
+  from paxlite.runs import load_run
+
+  model, cfg = load_run(args.run_dir, step=args.step, overrides=args.overrides)
+  result = evaluate(model, cfg, data=args.data, split=args.split, batches=args.batches, batch_size=args.batch_size)
+  print(json.dumps(result))
+  return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+  from paxlite.export import export_hf
+  from paxlite.runs import load_run
+
+  model, cfg = load_run(args.run_dir, step=args.step, overrides=args.overrides)
+  files = export_hf(model, cfg, args.out_dir)
+  print(f"paxlite: wrote {', '.join(files)} to {args.out_dir}", file=sys.stderr)
+  return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+  from paxlite.export import import_hf
+
+  cfg = import_hf(args.hf_dir, args.config, args.overrides)
+  print(f"paxlite: imported {args.hf_dir} into {cfg.run.dir}; train with: paxlite train "
+        f"{cfg.run.dir}/config.yaml", file=sys.stderr)
+  return 0
+
+
 def _shardings(args: argparse.Namespace) -> int:
   cfg = load_config(args.config, args.overrides)
   if args.devices is not None and args.devices < 1:
@@ -152,7 +243,14 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args, extra = parser.parse_known_args(argv)
+  # argparse fills a positional `overrides` list only before the first option; key=value
+  # words after options (`paxlite sample RUN --prompt x mesh.tensor=2`) come back as extras.
+  if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+    args.overrides += extra
+  elif extra:
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
   try:
     if args.command == "train":
       return _train(args)
@@ -164,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
       return _plot(args)
     if args.command == "keys":
       return _keys(args)
+    if args.command == "sample":
+      return _sample(args)
+    if args.command == "eval":
+      return _eval(args)
+    if args.command == "export":
+      return _export(args)
+    if args.command == "import-hf":
+      return _import_hf(args)
   except ConfigError as e:
     print(f"paxlite: error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT

@@ -67,7 +67,9 @@ DEFAULT_RULES: list[list[Any]] = [
 ]
 
 
-@dataclass
+# Hashable (by value; never mutated after loading) because the model keeps it, and jit
+# takes a model's NNX graph definition as a static, hashed argument (paxlite.sample).
+@dataclass(unsafe_hash=True)
 class ModelConfig:
   num_layers: int = 2
   """Number of decoder blocks."""
