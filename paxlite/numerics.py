@@ -290,16 +290,6 @@ class LossScaler:
             "skipped_steps": state["skipped_steps"] + jnp.where(finite, 0, 1)}
 
 
-def all_finite(tree: Any) -> jax.Array:
-  """True when every element of every array in `tree` is finite."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
-
-
-def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
 # ---------------------------------------------------------------------------------------
 # Compiled-HLO inspection
 # ---------------------------------------------------------------------------------------

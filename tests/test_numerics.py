@@ -199,14 +199,6 @@ def test_loss_scaler_from_config():
   assert nx.LossScaler.from_config(off16) is None
 
 
-def test_all_finite_and_select():
-  assert bool(nx.all_finite({"a": jnp.ones(3), "b": jnp.zeros((2, 2))}))
-  assert not bool(nx.all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, jnp.inf])}))
-  assert not bool(nx.all_finite([jnp.array([jnp.nan])]))
-  out = nx.select_tree(jnp.asarray(False), {"a": jnp.ones(2)}, {"a": jnp.zeros(2)})
-  np.testing.assert_array_equal(np.asarray(out["a"]), [0, 0])
-
-
 # Lines in the form of XLA:GPU's optimised HLO (operand shapes printed): cuBLAS custom calls,
 # a cuBLASLt fp8 call, a Triton GEMM fusion, and look-alikes that are not GEMMs.
 HLO = r"""
