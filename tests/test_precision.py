@@ -15,6 +15,7 @@ import pytest
 from paxlite.config import load_config
 from paxlite.mesh import make_mesh
 from paxlite.numerics import FORWARD_FP8, count_gemms, scale_for
+from paxlite.runs import load_run
 from paxlite.trainer import Trainer
 
 SMALL = {
@@ -205,6 +206,17 @@ def test_fp16_overflowing_loss_scale_skips_halves_and_trains_on():
   assert records[-1]["loss"] < records[skipped]["loss"] - 0.5
 
 
+def test_loss_scale_overflows_are_not_nan_events(tmp_path):
+  """train.on_nan=stop would end the run on a non-finite step: an overflow the loss scaler
+  handles (skip, halve) is not one."""
+  cfg = load_config(None, {**SMALL, "precision.compute": "float16", "precision.loss_scale_init": 2.0 ** 28,
+                           "train.on_nan": "stop", "train.steps": 12, "train.log_every": 1, "data.source": "synthetic",
+                           "eval.every": 0, "checkpoint.every": 0, "run.tensorboard": False, "run.dir": str(tmp_path)})
+  history = Trainer(cfg, mesh=make_mesh(cfg.mesh, jax.devices()[:1])).train()
+  assert [r["step"] for r in history] == list(range(1, 13))
+  assert history[-1]["skipped_steps"] >= 5 and history[-1]["nan_steps"] == 0
+
+
 # ---------------------------------------------------------------------------------------
 # Metrics and checkpoints
 # ---------------------------------------------------------------------------------------
@@ -225,6 +237,10 @@ def test_fp8_and_loss_scale_state_checkpoint_and_resume(tmp_path, data_cache):
   np.testing.assert_array_equal([r["loss"] for r in second], [r["loss"] for r in reference[2:]])
   jax.tree.map(np.testing.assert_array_equal, get(resumed.state["fp8"]), get(straight.state["fp8"]))
   assert get(resumed.state["loss_scale"]) == get(straight.state["loss_scale"])
+  # Sampling and evaluation start from load_run: the run's histories come with its weights.
+  model, _ = load_run(str(tmp_path / "a"))
+  np.testing.assert_array_equal(np.asarray(model.blocks.mlp.down.fp8_history[...]),
+                                get(straight.state["fp8"])["blocks"]["mlp"]["down"]["fp8_history"])
   # Period 2: the scale doubles after every second finite step; metrics.jsonl logs the one used.
   assert [r["loss_scale"] for r in reference] == [32768.0, 32768.0, 65536.0, 65536.0]
   assert all(r["skipped_steps"] == 0 for r in reference)
