@@ -294,10 +294,14 @@ class LossScaler:
 # Compiled-HLO inspection
 # ---------------------------------------------------------------------------------------
 
-# A GEMM in optimised GPU HLO: a cuBLAS(Lt) custom call, or a Triton GEMM fusion.
+# Instruction definitions (`%name = bf16[...]` or a tuple `%name = (bf16[...], ...)`), and
+# GEMMs: cuBLAS(Lt) custom calls and Triton GEMM fusions. XLA:GPU's optimised HLO prints
+# operands by name alone (`custom-call(%bitcast.12, ...)`); other dumps print their types too.
+_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*\(?(?P<type>[a-z][a-z0-9]*)\[")
 _GEMM = re.compile(
-    r"=\s*\S.*?\b(?:custom-call|fusion)\((?P<operand>[a-z0-9]+)\[.*?"
-    r"(?:custom_call_target=\"(?P<target>__cublas\$[a-zA-Z0-9$]+)\"|\"kind\":\"(?P<kind>__triton_[a-z_]*gemm[a-z_]*)\")")
+    r"=\s*\S.*?\b(?:custom-call|fusion)\((?P<first>[^,)]*)"
+    r".*?(?:custom_call_target=\"(?P<target>__cublas\$[a-zA-Z0-9$]+)\""
+    r"|\"kind\":\"(?P<kind>__triton_[a-z_]*gemm[a-z_]*)\"|calls=%gemm_fusion)")
 
 
 def count_gemms(hlo_text: str) -> dict[str, int]:
@@ -308,12 +312,20 @@ def count_gemms(hlo_text: str) -> dict[str, int]:
   element type of the first operand of cuBLAS (`__cublas$gemm`, `__cublas$lt$matmul`) and
   Triton GEMMs. A GEMM inside a loop body (the scanned layers) counts once.
   """
+  lines = hlo_text.splitlines()
+  types = {}
+  for line in lines:
+    definition = _DEFINITION.match(line)
+    if definition is not None:
+      types[definition.group("name")] = definition.group("type")
   counts: Counter[str] = Counter()
-  for line in hlo_text.splitlines():
+  for line in lines:
     match = _GEMM.search(line)
     if match is None:
       continue
-    operand = match.group("operand")
+    first = match.group("first").strip()
+    typed = re.match(r"(?P<type>[a-z][a-z0-9]*)\[", first)
+    operand = typed.group("type") if typed else types.get(first.lstrip("%"), "unknown")
     fp8 = (match.group("target") or "").endswith("$f8") or operand.startswith("f8")
     counts["fp8" if fp8 else operand] += 1
   return dict(counts)

@@ -230,3 +230,21 @@ def test_count_gemms_on_gpu_hlo_lines():
 def test_precision_config_errors(overrides, message):
   with pytest.raises(ConfigError, match=message.replace("|", r"\|")):
     load_config(None, overrides)
+
+
+# Lines as XLA:GPU (jax 0.11, H200) really prints optimised HLO: operands by name only, the
+# types on the defining instructions; a cuBLASLt call and a nested Triton GEMM fusion.
+HLO_BY_NAME = r"""
+  %bitcast.245.0 = bf16[16384,8192]{1,0} bitcast(%loop_multiply_fusion.2)
+  %bitcast.244.0 = bf16[8192,2048]{1,0} bitcast(%param.3)
+  %custom-call.9 = (bf16[16384,2048]{1,0}, s8[33554432]{0}) custom-call(%bitcast.245.0, %bitcast.244.0), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(_step_fn)/dot_general"}
+  %q.1 = f8e4m3fn[16384,2048]{1,0} fusion(%x), kind=kLoop, calls=%fused_convert
+  %custom-call.10 = (bf16[16384,2048]{1,0}, s8[33554432]{0}) custom-call(%q.1, %w.1, %s.1, %s.2), custom_call_target="__cublas$lt$matmul$f8"
+  %bitcast.444.0 = bf16[2048,16384]{0,1} bitcast(%get-tuple-element.3)
+  %gemm_fusion_dot.24 = bf16[2048,8192]{1,0} fusion(%bitcast.444.0, %bitcast.249.0), kind=kCustom, calls=%gemm_fusion_dot.24_computation, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
+  %input_reduce_fusion = f32[2048]{0} fusion(%get-tuple-element.93), kind=kCustom, calls=%fused_reduce, backend_config={"fusion_backend_config":{"kind":"__triton"}}
+"""
+
+
+def test_count_gemms_resolves_operands_printed_by_name():
+  assert nx.count_gemms(HLO_BY_NAME) == {"bf16": 2, "fp8": 1}
