@@ -89,11 +89,14 @@ def _keys(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
   cfg = load_config(args.config, args.overrides)
-  from paxlite.trainer import Trainer  # imports jax: after the config is known to be good
+  from paxlite.mesh import initialize_distributed  # imports jax: after the config is known to be good
+
+  initialize_distributed(cfg.distributed)  # before anything touches a device
+  from paxlite.trainer import Trainer
 
   trainer = Trainer(cfg)
   history = trainer.train()
-  if history:
+  if history and trainer.is_writer:
     last = history[-1]
     summary = f"paxlite: done, step {last['step']}, loss {last['loss']:.4f}"
     if "eval_loss" in last:
