@@ -8,6 +8,7 @@
 >>> trainer = paxlite.Trainer(cfg)
 >>> history = trainer.train(steps=100)          # or: for record in trainer.train_iter(steps=100)
 >>> trainer.evaluate()
+>>> [plan] = paxlite.make_plan(cfg, 64)            # will it fit on 64 GPUs? (compiled on CPU stand-ins)
 
 Names are imported on first use, so `import paxlite` (and the `paxlite` command's config
 checks) do not import jax: set XLA_FLAGS or JAX_PLATFORMS before touching a jax-backed name.
@@ -43,6 +44,11 @@ _EXPORTS = {
     "Trainer": "paxlite.trainer",
     "explain_sharding": "paxlite.shardings",
     "ShardingTable": "paxlite.shardings",
+    "make_plan": "paxlite.plan",
+    "Plan": "paxlite.plan",
+    "Hardware": "paxlite.costmodel",
+    "DistributedConfig": "paxlite.config",
+    "initialize_distributed": "paxlite.mesh",
 }
 
 __all__ = sorted(_EXPORTS)

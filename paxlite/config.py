@@ -90,7 +90,8 @@ class ModelConfig:
   the block) | dots_saveable (keep matmul outputs) | dots_attention_saveable (also keep the
   fused attention's forward)."""
   attention: str = "auto"
-  """jax.nn.dot_product_attention implementation: auto | xla | cudnn."""
+  """Attention implementation: auto (cudnn on GPU for 16-bit compute, else xla) | xla | cudnn (jax.nn.dot_product_attention) |
+  blockwise (plain-JAX flash attention: memory of cudnn on any backend)."""
 
 
 @dataclass
@@ -466,7 +467,7 @@ def validate(cfg: Config) -> None:
   if m.max_seq_len is not None and m.seq_len > m.max_seq_len:
     raise ConfigError(f"model.seq_len: {m.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   _choice("model.remat", m.remat, ("none", "full", "dots_saveable", "dots_attention_saveable"))
-  _choice("model.attention", m.attention, ("auto", "xla", "cudnn"))
+  _choice("model.attention", m.attention, ("auto", "xla", "cudnn", "blockwise"))
 
   for axis in MESH_AXES:
     size = getattr(cfg.mesh, axis)

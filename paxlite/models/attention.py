@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from paxlite.config import ModelConfig
+from paxlite.models.blockwise import blockwise_attention
 from paxlite.models.layers import Einsum, rotary, scaled_normal
 from paxlite.partitioning import constrain
 
@@ -53,7 +54,10 @@ class Attention(nnx.Module):
     k = constrain(rotary(self.k(x_btd), positions_bt, self.rope_theta), ("batch", "length", "act_kv_heads", "head_dim"))
     v = constrain(self.v(x_btd), ("batch", "length", "act_kv_heads", "head_dim"))
     # Softmax runs in float32 inside the fused kernel (cuDNN) or XLA's lowering.
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                       implementation=attention_implementation(self.attention, q.dtype))
+    implementation = attention_implementation(self.attention, q.dtype)
+    if implementation == "blockwise":
+      out = blockwise_attention(q, k, v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     return self.o(out)
