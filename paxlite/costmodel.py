@@ -172,7 +172,7 @@ def slow_axes(mesh_cfg: MeshConfig, num_devices: int, ici_domain: int | None) ->
 
   The devices are laid out as `make_mesh` would (hybrid when a mesh.dcn_* axis is > 1), with
   domains of `ici_domain` consecutive devices (hosts number their devices consecutively)."""
-  domain = ici_domain or num_devices
+  domain = min(ici_domain or num_devices, num_devices)
   if num_devices % domain:
     raise ConfigError(f"--ici-domain: {domain} devices per domain do not divide the {num_devices} devices")
   slots = [_Slot(i, i // domain) for i in range(num_devices)]

@@ -389,7 +389,7 @@ def format_plan(plan: Plan, cfg: Config) -> str:
       f"  total                                {_size(mem.total):>12}   {verdict}: {100 * mem.total / usable:.1f}% of "
       f"{_size(usable)} usable (cost model: {_size(est.memory)})",
       "",
-      f"FLOPs per step: model {est.model_flops * n / 1e12:,.1f} TFLOP ({est.model_flops / 1e12:,.2f} per device); "
+      f"FLOPs per step: model {est.model_flops * n / 1e12:,.1f} TFLOP ({est.model_flops / 1e12:,.2f} TFLOP per device); "
       f"run per device with recomputation and bubbles {est.flops / 1e12:,.2f} TFLOP",
       "",
       "collectives per step (optimized HLO; inside loops x trip count)",
@@ -399,8 +399,9 @@ def format_plan(plan: Plan, cfg: Config) -> str:
     lines.append(f"  {c.kind:<20} {'+'.join(c.axes):<14} {c.count:>7} {_size(c.bytes):>13} {_size(c.wire_bytes):>13}")
   if not plan.collectives:
     lines.append("  none")
-  lines.append("  (the CPU compiler leaves reduce-scatters as all-reduce + slice and runs 16-bit values in float32;"
-               " a GPU moves about half these bytes for gradients and 16-bit activations)")
+  elif hw.platform != "cpu":
+    lines.append("  (the CPU compiler leaves reduce-scatters as all-reduce + slice and moves 16-bit values as float32:"
+                 " a GPU or TPU sends about half these bytes for gradients and 16-bit activations)")
   tokens, mfu = _speed(plan, cfg)
   comm = ", ".join(f"{a} {_size(b)}" for a, b in est.comm_bytes.items() if b)
   lines += [

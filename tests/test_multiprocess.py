@@ -195,3 +195,23 @@ def test_cli_incomplete_distributed_settings_are_one_line(repo_root, tmp_path, c
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and err[0].startswith("paxlite: error: distributed.coordinator")
   assert not (tmp_path / "run").exists()
+
+
+# -- launch files -----------------------------------------------------------------------------
+
+
+def test_launch_files_are_valid_shell_and_name_real_config_keys(repo_root):
+  import glob
+  import re
+
+  from paxlite.config import describe_keys
+
+  keys = {key for key, _, _ in describe_keys()}
+  files = sorted(glob.glob(os.path.join(repo_root, "configs", "launch", "*")))
+  assert {os.path.basename(f) for f in files} >= {"slurm-gpu.sbatch", "tpu-gcloud.sh"}
+  for path in files:
+    subprocess.run(["bash", "-n", path], check=True)
+    text = open(path).read()
+    used = set(re.findall(r"\b([a-z_]+\.[a-z_]+)=", text))
+    assert used and used <= keys, (path, used - keys)
+    assert "paxlite plan" in text and "paxlite train" in text
