@@ -8,6 +8,8 @@
 >>> trainer = paxlite.Trainer(cfg)
 >>> history = trainer.train(steps=100)          # or: for record in trainer.train_iter(steps=100)
 >>> trainer.evaluate()
+>>> model, cfg = paxlite.load("runs/tiny")       # a trained run's model (latest checkpoint)
+>>> paxlite.generate(model, [[100, 101, 102]], max_new_tokens=20, rules=cfg.rules)
 >>> [plan] = paxlite.make_plan(cfg, 64)            # will it fit on 64 GPUs? (compiled on CPU stand-ins)
 
 Names are imported on first use, so `import paxlite` (and the `paxlite` command's config
@@ -22,6 +24,8 @@ from typing import Any
 # public name -> "module" defining it under that name, or "module:name" when it differs
 _EXPORTS = {
     "ConfigError": "paxlite.config",
+    "CheckpointError": "paxlite.checkpoint",
+    "NonFiniteError": "paxlite.faults",
     "Config": "paxlite.config",
     "ModelConfig": "paxlite.config",
     "MeshConfig": "paxlite.config",
@@ -44,6 +48,12 @@ _EXPORTS = {
     "Trainer": "paxlite.trainer",
     "explain_sharding": "paxlite.shardings",
     "ShardingTable": "paxlite.shardings",
+    "load": "paxlite.runs:load_run",
+    "load_run": "paxlite.runs",
+    "generate": "paxlite.sample",
+    "evaluate": "paxlite.evaluation",
+    "export_hf": "paxlite.export",
+    "import_hf": "paxlite.export",
     "make_plan": "paxlite.plan",
     "Plan": "paxlite.plan",
     "Hardware": "paxlite.costmodel",

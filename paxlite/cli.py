@@ -1,7 +1,9 @@
-"""The `paxlite` command: `paxlite train|shardings|bench|plan CONFIG [key=value ...]`, `paxlite keys`.
+"""The `paxlite` command: `paxlite train|shardings|bench|plan CONFIG [key=value ...]`, `paxlite keys`,
+`paxlite plot RUN_DIR...`, and `sample`, `eval`, `export`, `import-hf` on run directories.
 
 Every user mistake (a bad key, type, size, path or mesh) ends as one line on stderr naming
-the key or file, and exit code 2; no traceback.
+the key or file, and exit code 2; no traceback. A checkpoint that cannot be written ends as
+one line and exit code 1, a run stopped on non-finite values (train.on_nan) as one line and 3.
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ import argparse
 import sys
 
 from paxlite.config import ConfigError, load_config
+
+# Exit statuses: 0 done (or stopped by SIGTERM with a checkpoint saved), 1 the environment
+# failed (a checkpoint or file could not be written), 2 bad input, 3 non-finite loss or
+# gradients (train.on_nan), 130 SIGINT (after saving a checkpoint).
+EXIT_ENVIRONMENT, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_SIGINT = 1, 2, 3, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,9 +67,52 @@ def _parser() -> argparse.ArgumentParser:
   plan.add_argument("--search", action="store_true", help="rank every mesh factorisation x remat policy")
   plan.add_argument("--top", type=int, default=3, metavar="K", help="with --search: compile the K fastest that fit (default 3)")
   plan.add_argument("--json", action="store_true", help="print one JSON line instead of the report")
+  plot = sub.add_parser("plot", help="draw the loss and learning-rate curves of one or more runs")
+  plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
+  plot.add_argument("--out", default=None, help="image file to write (default RUN_DIR/loss.png of the first run)")
   keys = sub.add_parser("keys", help="list every config key with its default and meaning")
   keys.add_argument("--markdown", action="store_true", help="print a Markdown table")
+  _add_generation_parsers(sub)
   return parser
+
+
+def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
+  """sample, eval, export, import-hf: commands on a trained run directory."""
+  overrides = dict(nargs="*", help="dotted key=value overrides of the run's config, e.g. mesh.tensor=2")
+  step = dict(type=int, help="checkpoint step to load (default: the latest)")
+  sample = sub.add_parser("sample", help="continue prompts with a trained model (KV-cache decoding)")
+  sample.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")
+  sample.add_argument("overrides", **overrides)
+  sample.add_argument("--prompt", action="append", required=True, help="text to continue; repeat for a batch")
+  sample.add_argument("--max-new-tokens", type=int,
+                      help="tokens to generate per sample (default: up to model.max_seq_len)")
+  sample.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")
+  sample.add_argument("--top-k", type=int, default=40,
+                      help="sample among the k most likely tokens; 0: all (default 40)")
+  sample.add_argument("--top-p", type=float, default=0.95,
+                      help="nucleus: the smallest set of tokens with this mass (default 0.95)")
+  sample.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
+  sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+  sample.add_argument("--step", **step)
+  evaluate = sub.add_parser("eval", help="validation loss and perplexity of a trained model")
+  evaluate.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")
+  evaluate.add_argument("overrides", **overrides)
+  evaluate.add_argument("--data", help="a text or .jsonl file or a directory to score instead of the run's split")
+  evaluate.add_argument("--split", choices=("val", "train"), default="val",
+                        help="split of the run's corpus (default val)")
+  evaluate.add_argument("--batches", type=int, help="score at most this many batches (default: every sequence)")
+  evaluate.add_argument("--batch-size", type=int, help="sequences per batch (default train.batch_size)")
+  evaluate.add_argument("--step", **step)
+  export = sub.add_parser("export", help="write a run's model as a Hugging Face Llama checkpoint")
+  export.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")
+  export.add_argument("out_dir", help="new (or empty) directory for the checkpoint")
+  export.add_argument("overrides", **overrides)
+  export.add_argument("--format", choices=("hf",), default="hf", help="hf: transformers LlamaForCausalLM (default)")
+  export.add_argument("--step", **step)
+  imp = sub.add_parser("import-hf", help="start a run directory from a local Hugging Face Llama checkpoint")
+  imp.add_argument("hf_dir", help="directory with config.json and model.safetensors (or its shards)")
+  imp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. run.dir=runs/llama")
+  imp.add_argument("--config", help="YAML config for training (model.* keys come from config.json)")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -105,6 +155,25 @@ def _keys(args: argparse.Namespace) -> int:
   return 0
 
 
+def _quiet_background_failures() -> None:
+  """paxlite reports a failed checkpoint write in one line; Orbax would also log it with
+  tracebacks from its threads (absl logging), asyncio would log each of the write's other
+  failed futures ("exception was never retrieved"; only Orbax runs event loops here), and
+  TensorStore's completions still arriving on Orbax's closed event loop would print more."""
+  import logging
+
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).setLevel(logging.CRITICAL)
+  default = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+      return
+    default(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def _train(args: argparse.Namespace) -> int:
   cfg = load_config(args.config, args.overrides)
   from paxlite.mesh import initialize_distributed  # imports jax: after the config is known to be good
@@ -112,14 +181,67 @@ def _train(args: argparse.Namespace) -> int:
   initialize_distributed(cfg.distributed)  # before anything touches a device
   from paxlite.trainer import Trainer
 
+  _quiet_background_failures()
   trainer = Trainer(cfg)
   history = trainer.train()
+  if trainer.stopped_by is not None:  # the trainer said which checkpoint holds the run
+    return EXIT_SIGINT if trainer.stopped_by == "SIGINT" else 0
   if history and trainer.is_writer:
     last = history[-1]
     summary = f"paxlite: done, step {last['step']}, loss {last['loss']:.4f}"
     if "eval_loss" in last:
       summary += f", eval_loss {last['eval_loss']:.4f}"
     print(f"{summary}; run directory {cfg.run.dir}", file=sys.stderr)
+  return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+  if args.num_samples <= 0:
+    raise ConfigError(f"--num-samples: expected a positive integer, got {args.num_samples}")
+  from paxlite.data import load_tokenizer
+  from paxlite.runs import load_run
+  from paxlite.sample import sample_text
+
+  model, cfg = load_run(args.run_dir, step=args.step, overrides=args.overrides)
+  prompts = [p for p in args.prompt for _ in range(args.num_samples)]
+  texts = sample_text(model, load_tokenizer(cfg.data.tokenizer), prompts, rules=cfg.rules,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed)
+  for i, (prompt, text) in enumerate(zip(prompts, texts)):
+    if len(prompts) > 1:
+      print(f"{'' if i == 0 else chr(10)}==> sample {i + 1} <==")
+    print(prompt + text, flush=True)
+  return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+  import json
+
+  from paxlite.evaluation import evaluate
+  from paxlite.runs import load_run
+
+  model, cfg = load_run(args.run_dir, step=args.step, overrides=args.overrides)
+  result = evaluate(model, cfg, data=args.data, split=args.split, batches=args.batches, batch_size=args.batch_size)
+  print(json.dumps(result))
+  return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+  from paxlite.export import export_hf
+  from paxlite.runs import load_run
+
+  model, cfg = load_run(args.run_dir, step=args.step, overrides=args.overrides)
+  files = export_hf(model, cfg, args.out_dir)
+  print(f"paxlite: wrote {', '.join(files)} to {args.out_dir}", file=sys.stderr)
+  return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+  from paxlite.export import import_hf
+
+  cfg = import_hf(args.hf_dir, args.config, args.overrides)
+  print(f"paxlite: imported {args.hf_dir} into {cfg.run.dir}; train with: paxlite train "
+        f"{cfg.run.dir}/config.yaml", file=sys.stderr)
   return 0
 
 
@@ -170,8 +292,23 @@ def _plan(args: argparse.Namespace) -> int:
   return 0 if plans and plans[0].fits else 1
 
 
+def _plot(args: argparse.Namespace) -> int:
+  from paxlite.plot import plot_runs
+
+  out = args.out or f"{args.run_dirs[0].rstrip('/')}/loss.png"
+  print(f"paxlite: wrote {plot_runs(args.run_dirs, out)}", file=sys.stderr)
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args, extra = parser.parse_known_args(argv)
+  # argparse fills a positional `overrides` list only before the first option; key=value
+  # words after options (`paxlite sample RUN --prompt x mesh.tensor=2`) come back as extras.
+  if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+    args.overrides += extra
+  elif extra:
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
   try:
     if args.command == "train":
       return _train(args)
@@ -181,14 +318,34 @@ def main(argv: list[str] | None = None) -> int:
       return _bench(args)
     if args.command == "plan":
       return _plan(args)
+    if args.command == "plot":
+      return _plot(args)
     if args.command == "keys":
       return _keys(args)
+    if args.command == "sample":
+      return _sample(args)
+    if args.command == "eval":
+      return _eval(args)
+    if args.command == "export":
+      return _export(args)
+    if args.command == "import-hf":
+      return _import_hf(args)
   except ConfigError as e:
     print(f"paxlite: error: {e}", file=sys.stderr)
-    return 2
+    return EXIT_BAD_INPUT
+  except Exception as e:  # noqa: BLE001 - only the known run-time failures are one line
+    from paxlite import checkpoint, faults
+
+    if isinstance(e, faults.NonFiniteError):
+      print(f"paxlite: error: {e}", file=sys.stderr)
+      return EXIT_NONFINITE
+    if isinstance(e, (checkpoint.CheckpointError, OSError)):
+      print(f"paxlite: error: {e}", file=sys.stderr)
+      return EXIT_ENVIRONMENT
+    raise
   except KeyboardInterrupt:
     print("paxlite: interrupted", file=sys.stderr)
-    return 130
+    return EXIT_SIGINT
   return 0
 
 

@@ -25,6 +25,19 @@ DCN_AXES = ("data", "fsdp", "stage")  # mesh axes that may also span slices / ho
 class ConfigError(ValueError):
   """A user-facing configuration mistake; the CLI prints it as one line and exits 2."""
 
+  def __init__(self, message: str):
+    # One line, whatever a key or value held: a newline in a YAML key must not split it.
+    super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def _show(value: Any, limit: int = 80) -> str:
+  """repr() for error messages: bounded length (and safe for ints too long to print)."""
+  try:
+    text = repr(value)
+  except ValueError:  # int past sys.get_int_max_str_digits()
+    text = f"<{type(value).__name__}>"
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 # The default rules table: (logical axis name, mesh axes). Order matters: for each array
 # dimension the first rule whose mesh axes are still free in that array wins, so a name may
@@ -55,7 +68,9 @@ DEFAULT_RULES: list[list[Any]] = [
 ]
 
 
-@dataclass
+# Hashable (by value; never mutated after loading) because the model keeps it, and jit
+# takes a model's NNX graph definition as a static, hashed argument (paxlite.sample).
+@dataclass(unsafe_hash=True)
 class ModelConfig:
   num_layers: int = 2
   """Number of decoder blocks."""
@@ -180,6 +195,13 @@ class TrainConfig:
   """Weight of the z-loss (log-partition squared) added to the cross-entropy."""
   log_every: int = 10
   """Steps between metric lines."""
+  on_nan: str = "skip"
+  """A step whose loss or gradient norm is not finite never updates the weights; then: skip (count it
+  in nan_steps and go on) | rollback (reload the last checkpoint and leave the offending batch out)
+  | stop (save a checkpoint and the batch, exit 3)."""
+  nan_limit: int = 20
+  """Stop (as with on_nan=stop) at this many non-finite steps in a row (skip) or since the last
+  new checkpoint (rollback): the run has diverged. 0: no limit."""
 
 
 @dataclass
@@ -215,6 +237,9 @@ class CheckpointConfig:
   """Most recent checkpoints kept."""
   async_save: bool = True
   """Write checkpoints in the background while training continues."""
+  verify: bool = True
+  """Record a sha256 of every checkpoint file when it is written and check them before restoring
+  (false: check only that every file is there with its size, for very large checkpoints)."""
 
 
 @dataclass
@@ -278,7 +303,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return _coerce(key, value, arg)
       except ConfigError:
         pass
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
   if tp is type(None):
     if value is None:
       return None
@@ -291,7 +316,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
   elif tp is float:
     # PyYAML reads `1e-3` (no dot) as a string: accept any string float() takes.
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-      return float(value)
+      try:
+        number = float(value)
+      except OverflowError:  # an int past float range
+        number = math.inf
+      if math.isfinite(number):
+        return number
+      raise ConfigError(f"{key}: expected a finite number, got {_show(value)}")
     if isinstance(value, str):
       try:
         number = float(value)
@@ -306,12 +337,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
   elif origin is list:
     if isinstance(value, list):
       return value
-  raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+  raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
   if not isinstance(data, dict):
-    raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {_show(data)}")
   hints = typing.get_type_hints(cls)
   names = {f.name for f in dataclasses.fields(cls)}
   kwargs = {}
@@ -332,6 +363,38 @@ def config_from_dict(data: dict[str, Any]) -> Config:
   return _build(Config, data or {}, "")
 
 
+class _StrictLoader(yaml.SafeLoader):
+  """PyYAML's safe loader (plain data only: a `!!python/...` tag is an error, never a call)
+  that also refuses a key given twice in one mapping, which PyYAML would silently resolve to
+  the last value."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> Any:
+  seen: set[Any] = set()
+  for key_node, _ in node.value:
+    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden on purpose
+      continue
+    key = loader.construct_object(key_node)
+    try:
+      duplicate = key in seen
+      seen.add(key)
+    except TypeError:  # an unhashable key: construct_mapping reports it
+      continue
+    if duplicate:
+      raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                              f"found the key {_show(key)} twice", key_node.start_mark)
+  data: dict[Any, Any] = {}
+  yield data  # the two-step protocol of PyYAML's own constructor (anchors may refer back)
+  data.update(loader.construct_mapping(node))
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _load_yaml(stream: Any) -> Any:
+  return yaml.load(stream, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
   """Splits `a.b.c=value`; the value is a YAML scalar or list, parsed safely (never eval'd)."""
   key, sep, raw = item.partition("=")
@@ -342,9 +405,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
   if any(not p.isidentifier() for p in parts):
     raise ConfigError(f"override '{item}': '{key}' is not a dotted config key")
   try:
-    value = yaml.safe_load(raw) if raw.strip() else ""
-  except yaml.YAMLError as e:
-    raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML ({_first_line(e)})") from None
+    value = _load_yaml(raw) if raw.strip() else ""
+  except (yaml.YAMLError, ValueError) as e:  # ValueError: an int past Python's digit limit
+    raise ConfigError(f"override '{key}': value {_show(raw)} is not valid YAML ({_first_line(e)})") from None
   if isinstance(value, dict):
     raise ConfigError(f"override '{key}': expected a scalar or a list, got a mapping")
   return parts, value
@@ -378,18 +441,18 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | list[str])
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-  """Reads a YAML mapping with the safe loader (no Python object tags)."""
+  """Reads a YAML mapping with the safe loader (no Python object tags, no duplicate keys)."""
   path = os.fspath(path)
   try:
     with open(path, encoding="utf-8") as f:
-      data = yaml.safe_load(f)
+      data = _load_yaml(f)
   except FileNotFoundError:
     raise ConfigError(f"config file '{path}' not found") from None
   except IsADirectoryError:
     raise ConfigError(f"config file '{path}' is a directory, expected a YAML file") from None
   except (OSError, UnicodeDecodeError) as e:
     raise ConfigError(f"config file '{path}' cannot be read: {_first_line(e)}") from None
-  except yaml.YAMLError as e:
+  except (yaml.YAMLError, ValueError) as e:
     raise ConfigError(f"config file '{path}' is not valid YAML: {_first_line(e)}") from None
   if data is None:
     return {}
@@ -427,24 +490,24 @@ def _positive(key: str, value: int | float | None, allow_zero: bool = False) -> 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
   if value not in choices:
-    raise ConfigError(f"{key}: expected one of {' | '.join(choices)}, got {value!r}")
+    raise ConfigError(f"{key}: expected one of {' | '.join(choices)}, got {_show(value)}")
 
 
 def validate_rules(rules: Any) -> None:
   if not isinstance(rules, list):
-    raise ConfigError(f"rules: expected a list of [logical_name, mesh_axis | [mesh_axes] | null], got {rules!r}")
+    raise ConfigError(f"rules: expected a list of [logical_name, mesh_axis | [mesh_axes] | null], got {_show(rules)}")
   for i, rule in enumerate(rules):
     if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
-      raise ConfigError(f"rules[{i}]: expected [logical_name, mesh_axis | [mesh_axes] | null], got {rule!r}")
+      raise ConfigError(f"rules[{i}]: expected [logical_name, mesh_axis | [mesh_axes] | null], got {_show(rule)}")
     axes = rule[1]
     axes = [] if axes is None else ([axes] if isinstance(axes, str) else axes)
     if not isinstance(axes, (list, tuple)):
-      raise ConfigError(f"rules[{i}] ({rule[0]}): expected a mesh axis, a list of them or null, got {rule[1]!r}")
+      raise ConfigError(f"rules[{i}] ({rule[0]}): expected a mesh axis, a list of them or null, got {_show(rule[1])}")
     for axis in axes:
       if axis not in MESH_AXES:
-        raise ConfigError(f"rules[{i}] ({rule[0]}): unknown mesh axis {axis!r}, expected one of {', '.join(MESH_AXES)}")
+        raise ConfigError(f"rules[{i}] ({rule[0]}): unknown mesh axis {_show(axis)}, expected one of {', '.join(MESH_AXES)}")
     if len(set(axes)) != len(axes):
-      raise ConfigError(f"rules[{i}] ({rule[0]}): mesh axis repeated in {rule[1]!r}")
+      raise ConfigError(f"rules[{i}] ({rule[0]}): mesh axis repeated in {_show(rule[1])}")
 
 
 def validate(cfg: Config) -> None:
@@ -516,6 +579,8 @@ def validate(cfg: Config) -> None:
       raise ConfigError(f"train.{name}: expected a number in [0, 1), got {getattr(t, name)}")
   if t.batch_size % t.grad_accum:
     raise ConfigError(f"train.grad_accum: {t.grad_accum} must divide train.batch_size={t.batch_size}")
+  _choice("train.on_nan", t.on_nan, ("skip", "rollback", "stop"))
+  _positive("train.nan_limit", t.nan_limit, allow_zero=True)
   if cfg.mesh.stages > 1:
     stages, micro, repeats = cfg.mesh.stages, pipe.microbatches, pipe.repeats
     shown = f"mesh.stage={cfg.mesh.stage}" + (f" x mesh.dcn_stage={cfg.mesh.dcn_stage}" if cfg.mesh.dcn_stage > 1 else "")

@@ -63,17 +63,33 @@ def flops_per_token(model_cfg: ModelConfig, non_embedding_params: int | None = N
 class MetricsWriter:
   """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
 
-  Only the writing process (process 0) should create one.
+  `resume_step` is where the run (re)starts: records past it were written by a run killed
+  before its next checkpoint, and are about to be written again, so they are dropped (a torn
+  last line with them) and TensorBoard is told to purge its events past that step. The file
+  then holds one record per step, as an uninterrupted run's would. Only the writing process
+  (process 0) should create one.
   """
 
-  def __init__(self, run_dir: str, tensorboard: bool = True):
+  def __init__(self, run_dir: str, tensorboard: bool = True, resume_step: int = 0):
     os.makedirs(run_dir, exist_ok=True)
-    self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
-    self._tb = None
-    if tensorboard:
+    self._path = os.path.join(run_dir, "metrics.jsonl")
+    self._tb_dir = os.path.join(run_dir, "tensorboard") if tensorboard else None
+    self._file = self._tb = None
+    self._open(resume_step)
+
+  def _open(self, step: int) -> None:
+    truncate_records(self._path, step)
+    self._file = open(self._path, "a", encoding="utf-8")
+    if self._tb_dir is not None:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(logdir=os.path.join(run_dir, "tensorboard"))
+      # purge_step: TensorBoard discards this directory's earlier events at steps >= it.
+      self._tb = SummaryWriter(logdir=self._tb_dir, purge_step=step + 1 if os.path.isdir(self._tb_dir) else None)
+
+  def rewind(self, step: int) -> None:
+    """Forgets the records past `step` (the loop rolled back to it)."""
+    self.close()
+    self._open(step)
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     record = {"step": int(step)}
@@ -89,6 +105,30 @@ class MetricsWriter:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def truncate_records(path: str, step: int) -> None:
+  """Keeps the JSON lines of `path` with "step" <= `step`; rewrites it atomically if needed."""
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      lines = f.readlines()
+  except FileNotFoundError:
+    return
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue  # a line torn by a kill
+    if line.endswith("\n") and isinstance(record, dict) and isinstance(record.get("step"), int) \
+        and record["step"] <= step:
+      kept.append(line)
+  if kept == lines:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
 
 def _plain(value: Any) -> Any:

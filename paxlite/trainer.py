@@ -8,7 +8,6 @@ the state is an ordinary pytree for optax, Orbax and jit donation.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -21,8 +20,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from paxlite import data as data_lib
-from paxlite.checkpoint import Checkpointer, abstract_like
+from paxlite.checkpoint import Checkpointer, CheckpointError, abstract_like
 from paxlite.config import Config, ConfigError
+from paxlite.faults import LoopCounters, NonFiniteError, StopSignals, guard_update, is_finite
 from paxlite.mesh import describe, make_mesh
 from paxlite.metrics import MetricsWriter, Progress, Timer, flops_per_token, peak_flops_for
 from paxlite.models.build import ModelFn, default_model_fn, init_params, layout_model, pipeline_schedule
@@ -136,6 +136,9 @@ class Trainer:
     self._eval_step = jax.jit(self._eval_fn, in_shardings=(self.state_shardings["params"], self.batch_sharding))
     self._loader = None
     self._checkpointer: Checkpointer | None = None
+    self.counters = LoopCounters()  # non-finite steps, batches left out (saved in checkpoints)
+    self._fresh_loader_state: dict[str, Any] | None = None  # rollback target without checkpoints
+    self.stopped_by: str | None = None  # the signal that stopped the last train(), if any
 
   # -- sharding helpers ------------------------------------------------------------------
 
@@ -197,7 +200,9 @@ class Trainer:
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-    return new_state, {"loss": nll, "grad_norm": grad_norm, "lr": self.lr_schedule(state["step"])}
+    finite = is_finite(nll, grad_norm)  # train.on_nan: a non-finite update is never applied
+    new_state = guard_update(finite, new_state, state)
+    return new_state, {"loss": nll, "grad_norm": grad_norm, "lr": self.lr_schedule(state["step"]), "finite": finite}
 
   def _eval_fn(self, params: Any, batch_bt: jax.Array) -> jax.Array:
     return self._loss_fn(params, batch_bt)[1]
@@ -270,32 +275,128 @@ class Trainer:
       self._checkpointer = Checkpointer(self.cfg.run.dir, self.cfg.checkpoint)
     return self._checkpointer
 
-  def save(self, force: bool = False) -> None:
+  def save(self, force: bool = False) -> bool:
+    """Starts writing a checkpoint of the current step (train state, loader position, fault
+    counters); False if this step is already saved. CheckpointError if writing fails."""
     step = int(jax.device_get(self.state["step"]))
-    data_state = self._loader.get_state() if self._loader is not None else None
-    self.checkpointer.save(step, self.state, data_state, force=force)
+    items = {"data": self._loader.get_state() if self._loader is not None else None,
+             "loop": self.counters.to_json()}
+    return self.checkpointer.save(step, self.state, items, force=force)
 
   def restore(self, step: int | None = None) -> int | None:
-    """Loads the latest (or given) checkpoint of run.dir onto this mesh; returns its step."""
-    step = self.checkpointer.latest_step() if step is None else step
-    if step is None:
+    """Loads the newest good (or the given) checkpoint of run.dir onto this mesh; returns its
+    step, or None without checkpoints. Damaged checkpoints are reported and skipped."""
+    found = self.checkpointer.restore(self.abstract_state(), step)
+    if found is None:
       return None
-    state, data_state = self.checkpointer.restore(step, self.abstract_state())
+    self._load(found)
+    self.counters = LoopCounters.from_json(found[2].get("loop"))
+    return found[0]
+
+  def _load(self, found: tuple[int, Any, dict[str, Any]]) -> None:
+    _, state, items = found
+    if items.get("data") is not None:
+      self.loader().set_state(items["data"])  # ConfigError if batches would not resume
     self.state = state
-    if data_state is not None:
-      self.loader().set_state(data_state)
-    return step
+
+  # -- non-finite steps ------------------------------------------------------------------
+
+  def _next_batch(self) -> tuple[int, np.ndarray]:
+    """(global batch index, this process's rows), passing over batches rollbacks left out."""
+    loader = self.loader()
+    while loader.step in self.counters.skipped_batches:
+      next(loader)
+    return loader.step, next(loader)
+
+  def _settle(self, pending: list, keep: int, say: Callable[[str], None]) -> int | None:
+    """Reads the finiteness flags of all but the newest `keep` pending steps and applies
+    train.on_nan to a non-finite one. Returns the step it rolled back to, if it did."""
+    t, counters = self.cfg.train, self.counters
+    while len(pending) > keep:
+      step, finite, index, batch = pending.pop(0)
+      if bool(jax.device_get(finite)):
+        if t.on_nan == "skip":
+          counters.in_a_row = 0
+        continue
+      counters.nan_steps += 1
+      counters.in_a_row += 1
+      if t.on_nan == "stop":
+        self._stop_nonfinite(step, batch, pending, "train.on_nan=stop")
+      if t.nan_limit and counters.in_a_row >= t.nan_limit:
+        since = "in a row" if t.on_nan == "skip" else "since the last checkpoint"
+        self._stop_nonfinite(step, batch, pending,
+                             f"{counters.in_a_row} non-finite steps {since}, train.nan_limit={t.nan_limit}")
+      if t.on_nan == "skip":
+        say(f"paxlite: step {step}: non-finite loss or gradients, update skipped "
+            f"({counters.nan_steps} so far; train.on_nan=skip)")
+        continue
+      pending.clear()
+      return self._rollback(step, index, batch, say)
+    return None
+
+  def _rollback(self, step: int, index: int, batch: np.ndarray, say: Callable[[str], None]) -> int:
+    """Reloads the newest good checkpoint (or the initial state) and leaves batch `index` out."""
+    self.counters.skipped_batches.add(index)
+    found = self.checkpointer.restore(self.abstract_state())
+    if found is not None:
+      self._load(found)  # the counters stay this run's: they only grow
+      back = found[0]
+    elif self._fresh_loader_state is not None:
+      self.state = self.init_state()
+      self.loader().set_state(self._fresh_loader_state)
+      back = 0
+    else:
+      self._stop_nonfinite(step, batch, [], "train.on_nan=rollback, but no checkpoint to roll back to")
+    say(f"paxlite: step {step}: non-finite loss or gradients; rolled back to step {back}, leaving out "
+        f"batch {index} (train.on_nan=rollback)")
+    return back
+
+  def _stop_nonfinite(self, step: int, batch: np.ndarray, pending: list, reason: str) -> None:
+    """Saves the offending batch and a checkpoint (non-finite updates were never applied), and
+    raises NonFiniteError."""
+    for _, finite, _, _ in pending:  # already run: their updates were withheld too if bad
+      self.counters.nan_steps += not bool(jax.device_get(finite))
+    pending.clear()
+    suffix = f".process_{jax.process_index()}" if jax.process_count() > 1 else ""
+    path = os.path.join(self.cfg.run.dir, "nonfinite", f"step_{step}{suffix}.npy")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.save(path, batch)
+    self.save(force=True)
+    self.checkpointer.wait()
+    saved = int(jax.device_get(self.state["step"]))
+    raise NonFiniteError(
+        f"non-finite loss or gradients at step {step} ({reason}); its batch is in {path}; checkpoint "
+        f"{saved} holds the state without the non-finite updates (rerun to go on from it)", step)
 
   # -- the loop --------------------------------------------------------------------------
+
+  def _open_run_dir(self, done: int) -> MetricsWriter:
+    run_dir = self.cfg.run.dir
+    try:
+      os.makedirs(run_dir, exist_ok=True)
+      with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(self.cfg.to_yaml())
+      return MetricsWriter(run_dir, self.cfg.run.tensorboard, resume_step=done)
+    except OSError as e:
+      raise ConfigError(f"run.dir: cannot write into '{run_dir}' ({e.strerror or e})") from None
 
   def train(self, steps: int | None = None, *, resume: bool = True) -> list[dict[str, Any]]:
     """Trains until `steps` (default train.steps) optimizer steps are done in total.
 
-    Resumes from run.dir's latest checkpoint when there is one. Writes config.yaml,
+    Resumes from run.dir's newest good checkpoint when there is one. Writes config.yaml,
     metrics.jsonl, TensorBoard events and checkpoints/ into run.dir (process 0 only, except
-    the checkpoint shards). Returns the logged metric records; `train_iter` streams them.
+    the checkpoint shards), only once the data, config and checkpoint are known to fit.
+    Non-finite steps follow train.on_nan. SIGTERM or SIGINT: the step finishes, a checkpoint
+    is written, `self.stopped_by` names the signal, and training returns. Returns the logged
+    metric records, one per step (after a rollback, the re-run steps' records replace the
+    earlier ones); `train_iter` streams them.
     """
-    return list(self.train_iter(steps, resume=resume))
+    history: list[dict[str, Any]] = []
+    for record in self.train_iter(steps, resume=resume):
+      if history and record["step"] <= history[-1]["step"]:  # a rollback: these steps run again
+        history = [r for r in history if r["step"] < record["step"]]
+      history.append(record)
+    return history
 
   def train_iter(self, steps: int | None = None, *, resume: bool = True) -> Iterator[dict[str, Any]]:
     """`train`, yielding each logged metric record as soon as it is written.
@@ -304,60 +405,91 @@ class Trainer:
     ...   losses.append(record["loss"])
 
     Leaving the loop early stops training after the step just logged (checkpoints already
-    written stay; the final one is only forced when `steps` is reached).
+    written stay; the final one is only forced when `steps` is reached). After a rollback
+    (train.on_nan) the steps from the checkpoint on are run, and yielded, again.
     """
     cfg = self.cfg
     total = cfg.train.steps if steps is None else steps
-    run_dir = cfg.run.dir
     loader = self.loader()  # reads and checks the data before anything is written
-    if self.is_writer:
-      os.makedirs(run_dir, exist_ok=True)
-      with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-        f.write(cfg.to_yaml())
     start_step = self.restore() if resume and self.state is None else None
     if self.state is None:
       self.state = self.init_state()
     done = int(jax.device_get(self.state["step"]))
+    self._fresh_loader_state = loader.get_state() if done == 0 else None
+    writer = self._open_run_dir(done) if self.is_writer else None
 
-    writer = MetricsWriter(run_dir, cfg.run.tensorboard) if self.is_writer else None
     progress = Progress(total=total, initial=done, mode=cfg.run.progress, enabled=self.is_writer)
     compiled, compile_s = self.compile_step()
     progress.message(self._banner(compile_s, start_step))
     timer, steps_since_log = Timer(), 0
+    # (step, finite flag, batch index, batch): flags are read one step late, so reading one
+    # waits for a step the device has finished while the next is already queued.
+    pending: list[tuple[int, jax.Array, int, np.ndarray]] = []
+    self.stopped_by = None
+    completed = False
     try:
-      while done < total:
-        batch = self._to_global(next(loader))
-        with self.activate():
-          self.state, metrics = compiled(self.state, batch)
-        done += 1
-        steps_since_log += 1
-        progress.update()
-        last = done == total
-        record = None
-        if done % cfg.train.log_every == 0 or last or done == 1:
-          record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          record.update(self._speed(timer.lap() / steps_since_log))
-          if done == 1:
-            record["compile_s"] = compile_s
-          if self.pipeline is not None:
-            record["pipeline_bubble"] = self.pipeline.bubble
-          steps_since_log = 0
-          if cfg.eval.every and (done % cfg.eval.every == 0 or last):
-            record["eval_loss"] = self.evaluate()
-            timer.lap()  # evaluation time is not step time
-          if writer is not None:
-            writer.write(done, record)
-          progress.log(done, record)
-          if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"loss is {record['loss']} at step {done}")
-        if last or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
-          self.save(force=last)
-        if record is not None:
-          yield {"step": done, **record}
-          timer.lap()  # the caller's time between records is not step time either
-    finally:
+      with StopSignals() as signals:
+        while done < total and not signals.should_stop(done):
+          index, batch = self._next_batch()
+          with self.activate():
+            self.state, metrics = compiled(self.state, self._to_global(batch))
+          done += 1
+          steps_since_log += 1
+          progress.update()
+          pending.append((done, metrics.pop("finite"), index, batch))
+          last = done == total
+          log_now = done % cfg.train.log_every == 0 or last or done == 1
+          save_now = last or bool(cfg.checkpoint.every and done % cfg.checkpoint.every == 0)
+          back = self._settle(pending, 0 if log_now or save_now else 1, progress.message)
+          if back is not None:  # rolled back: what was logged past `back` is undone
+            progress.update(back - done)
+            done, steps_since_log = back, 0
+            if writer is not None:
+              writer.rewind(done)
+            timer.lap()
+            continue
+          record = None
+          if log_now:
+            if self._checkpointer is not None:
+              self._checkpointer.check()  # a failed background write stops the run now
+            record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            record["nan_steps"] = self.counters.nan_steps
+            record.update(self._speed(timer.lap() / steps_since_log))
+            if done == 1:
+              record["compile_s"] = compile_s
+            if self.pipeline is not None:
+              record["pipeline_bubble"] = self.pipeline.bubble
+            steps_since_log = 0
+            if cfg.eval.every and (done % cfg.eval.every == 0 or last):
+              record["eval_loss"] = self.evaluate()
+              timer.lap()  # evaluation time is not step time
+            if writer is not None:
+              writer.write(done, record)
+            progress.log(done, record)
+          if save_now:
+            if cfg.train.on_nan == "rollback":
+              self.counters.in_a_row = 0  # a new checkpoint: progress since the last rollback
+            self.save(force=last)
+          if record is not None:
+            yield {"step": done, **record}
+            timer.lap()  # the caller's time between records is not step time either
+        if signals.received is not None and done < total:  # (a signal in the last step changes nothing)
+          self._settle(pending, 0, progress.message)
+          self.save(force=True)
+          self.checkpointer.wait()
+          self.stopped_by = signals.received
+          step = int(jax.device_get(self.state["step"]))
+          progress.message(f"paxlite: {signals.received} received: stopped after step {step}, checkpoint "
+                           f"{step} is saved in {self.checkpointer.directory}; rerun the same command to resume")
       if self._checkpointer is not None:
-        self._checkpointer.wait()
+        self._checkpointer.wait()  # a write failing in the background fails the run here
+      completed = True
+    finally:
+      if not completed and self._checkpointer is not None:
+        try:  # let a good checkpoint still in flight finish; the error already raised wins
+          self._checkpointer.wait()
+        except CheckpointError as e:
+          progress.message(f"paxlite: {e}")
       progress.close()
       if writer is not None:
         writer.close()

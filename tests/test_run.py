@@ -122,3 +122,15 @@ def test_cli_usage_errors(repo_root):
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   proc = run_cli("train", "configs/none.yaml", cwd=repo_root)
   assert proc.returncode == 2 and "config file 'configs/none.yaml' not found" in proc.stderr
+
+
+def test_plot_draws_the_loss_curve(full_run, tmp_path):
+  run_dir, _ = full_run
+  out = tmp_path / "curve.png"
+  assert cli.main(["plot", str(run_dir), "--out", str(out)]) == 0
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_plot_of_a_directory_without_metrics_is_a_clean_error(tmp_path, capsys):
+  assert cli.main(["plot", str(tmp_path)]) == 2
+  assert "has no metrics.jsonl" in capsys.readouterr().err

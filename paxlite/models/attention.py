@@ -3,6 +3,9 @@
 Projections are per-head einsums so that the 'heads' / 'kv_heads' dimensions are visible to
 the rules table: with heads on `tensor`, q/k/v are column-parallel and the output projection
 row-parallel, which costs one all-reduce per attention block (Megatron-style).
+
+Decoding passes one layer's KV cache: the same projections and rotary embedding, then the
+queries attend over the cache instead of over their own sequence.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from paxlite.models.blockwise import blockwise_attention
 from paxlite.models.layers import Einsum, rotary, scaled_normal
 from paxlite.partitioning import constrain
 
+KV = tuple[jax.Array, jax.Array]
 
 
 def attention_implementation(setting: str, dtype) -> str:
@@ -49,15 +53,39 @@ class Attention(nnx.Module):
     self.v = Einsum("btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"), init=init_in, **common)
     self.o = Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), init=init_out, **common)
 
-  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
+  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array,
+               kv_cache: KV | None = None) -> tuple[jax.Array, KV]:
+    """Attention over the sequence itself (training), or over a KV cache (decoding).
+
+    Returns the output and this call's own keys and values (rotated), [b, t, kv_heads,
+    head_dim] each, for the caller to store in its cache. With `kv_cache` = one layer's
+    (keys, values) [b, s, kv_heads, head_dim], the new keys and values are first written at
+    `positions_bt`, then each query at position p attends to cache slots 0..p.
+    """
     q = constrain(rotary(self.q(x_btd), positions_bt, self.rope_theta), ("batch", "length", "act_heads", "head_dim"))
     k = constrain(rotary(self.k(x_btd), positions_bt, self.rope_theta), ("batch", "length", "act_kv_heads", "head_dim"))
     v = constrain(self.v(x_btd), ("batch", "length", "act_kv_heads", "head_dim"))
-    # Softmax runs in float32 inside the fused kernel (cuDNN) or XLA's lowering.
-    implementation = attention_implementation(self.attention, q.dtype)
-    if implementation == "blockwise":
-      out = blockwise_attention(q, k, v)
+    if kv_cache is None:
+      # Softmax runs in float32 inside the fused kernel (cuDNN) or XLA's lowering.
+      implementation = attention_implementation(self.attention, q.dtype)
+      if implementation == "blockwise":
+        out = blockwise_attention(q, k, v)
+      else:
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+      keys, values = (write_at(c, new, positions_bt) for c, new in zip(kv_cache, (k, v)))
+      # Slots past a query's position hold padding or stale entries: masked, never read.
+      mask_b1ts = (jnp.arange(keys.shape[1])[None, None, :] <= positions_bt[:, :, None])[:, None]
+      # XLA's kernel: cuDNN's flash kernel takes no arbitrary mask, and a decode step (one
+      # query per row) is bound by reading the cache, not by the matrix units.
+      out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask_b1ts,
+                                         implementation="xla")
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
-    return self.o(out)
+    return self.o(out), (k, v)
+
+
+def write_at(cache: jax.Array, new_btkh: jax.Array, positions_bt: jax.Array, *leading: jax.Array) -> jax.Array:
+  """The cache [*leading, b, s, kv_heads, head_dim] with row b's slots positions_bt[b] set to
+  new_btkh[b] (each row at its own positions); `leading` indexes e.g. the stacked layer."""
+  rows_b1 = jnp.arange(new_btkh.shape[0])[:, None]
+  return cache.at[(*leading, rows_b1, positions_bt)].set(new_btkh.astype(cache.dtype), mode="drop")

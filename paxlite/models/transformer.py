@@ -4,6 +4,9 @@ token embedding -> N x [RMSNorm -> GQA attention (RoPE) -> residual, RMSNorm -> 
 residual] -> RMSNorm -> output head. No biases. The N decoder blocks are stored stacked (one
 array per weight with a leading 'layers' axis) and run with `jax.lax.scan`, so compile time
 does not grow with depth; `scan_layers: false` unrolls the same stacked arrays.
+
+`decode` is the same network over a KV cache stacked the same way ([layers, batch, length,
+kv_heads, head_dim]), for autoregressive sampling (paxlite.sample).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from flax import nnx
 
 from paxlite.config import ModelConfig
 from paxlite.models import blockwise
-from paxlite.models.attention import Attention
+from paxlite.models.attention import KV, Attention, write_at
 from paxlite.models.layers import Einsum, Embed, RMSNorm, scaled_normal
 from paxlite.numerics import DtypePolicy
 from paxlite.partitioning import constrain, variable_names
@@ -67,9 +70,11 @@ class DecoderBlock(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, **common)
     self.mlp = MLP(cfg, **common)
 
-  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
-    x_btd = constrain(x_btd + self.attn(self.attn_norm(x_btd), positions_bt), ("batch", "length", "act_embed"))
-    return constrain(x_btd + self.mlp(self.mlp_norm(x_btd)), ("batch", "length", "act_embed"))
+  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, kv_cache: KV | None = None) -> tuple[jax.Array, KV]:
+    """The block's output and its attention's new keys and values (see Attention)."""
+    attn_btd, new_kv = self.attn(self.attn_norm(x_btd), positions_bt, kv_cache)
+    x_btd = constrain(x_btd + attn_btd, ("batch", "length", "act_embed"))
+    return constrain(x_btd + self.mlp(self.mlp_norm(x_btd)), ("batch", "length", "act_embed")), new_kv
 
 
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -110,8 +115,49 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
-    x_btd = constrain(self.embed(tokens_bt), ("batch", "length", "act_embed"))
-    x_btd = self._run_blocks(x_btd, positions_bt)
+    x_btd = self._run_blocks(self._embed(tokens_bt), positions_bt)
+    return self._logits(x_btd)
+
+  def init_cache(self, batch: int, length: int) -> KV:
+    """An empty KV cache: keys and values [layers, batch, length, kv_heads, head_dim] each,
+    in compute dtype, laid out by the rules like the activations they hold."""
+    cfg = self.cfg
+    n = cfg.num_heads
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads or n, cfg.head_dim or cfg.d_model // n)
+    names = ("layers", "batch", "length", "act_kv_heads", "head_dim")
+    return tuple(constrain(jnp.zeros(shape, self.embed.compute_dtype), names) for _ in range(2))
+
+  def decode(self, tokens_bt: jax.Array, positions_bt: jax.Array, cache: KV,
+             logits_at_b: jax.Array | None = None) -> tuple[jax.Array, KV]:
+    """Logits for tokens at `positions_bt` that attend to the cache, and the cache with their
+    keys and values added: a prefill (a whole prompt) or a decode step (one token per row).
+
+    Row b's query at position p sees cache slots 0..p, so every slot below p must already
+    hold row b's real keys (slots at or past p may hold anything). With `logits_at_b`, only
+    the token at index logits_at_b[b] of each row gets logits ([b, 1, vocab]): a prefill
+    needs just each prompt's last, not [b, t, vocab] floats.
+    """
+    graphdef, layer_state = nnx.split(self.blocks)
+
+    def layer(carry, xs):
+      x_btd, (keys, values) = carry
+      one_layer_state, index = xs
+      x_btd, (k_btkh, v_btkh) = nnx.merge(graphdef, one_layer_state)(x_btd, positions_bt, (keys[index], values[index]))
+      # Only the new entries are written into the stacked cache (in place inside the loop).
+      keys = write_at(keys, k_btkh, positions_bt, index)
+      values = write_at(values, v_btkh, positions_bt, index)
+      return (x_btd, (keys, values)), None
+
+    layers = jnp.arange(self.cfg.num_layers)
+    (x_btd, cache), _ = jax.lax.scan(layer, (self._embed(tokens_bt), cache), (layer_state, layers))
+    if logits_at_b is not None:
+      x_btd = jnp.take_along_axis(x_btd, logits_at_b[:, None, None], axis=1)
+    return self._logits(x_btd), cache
+
+  def _embed(self, tokens_bt: jax.Array) -> jax.Array:
+    return constrain(self.embed(tokens_bt), ("batch", "length", "act_embed"))
+
+  def _logits(self, x_btd: jax.Array) -> jax.Array:
     x_btd = self.final_norm(x_btd)
     logits_btv = self.embed.attend(x_btd) if self.cfg.tie_embeddings else self.head(x_btd)
     return constrain(logits_btv.astype(jnp.float32), ("batch", "length", "act_vocab"))
@@ -120,7 +166,7 @@ class Transformer(nnx.Module):
     graphdef, layer_state = nnx.split(self.blocks)
 
     def block_fn(x, one_layer_state, positions):
-      return nnx.merge(graphdef, one_layer_state)(x, positions)
+      return nnx.merge(graphdef, one_layer_state)(x, positions)[0]
 
     if self.cfg.remat != "none":
       block_fn = jax.checkpoint(block_fn, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
