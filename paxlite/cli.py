@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
   plan.add_argument("--platform", default="gpu", help="gpu (H200 defaults) | tpu (v5p) | cpu (default gpu)")
   plan.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 141GB or 80GiB")
   plan.add_argument("--memory-fraction", type=float, metavar="F",
-                    help="share of device memory the run may use (gpu default: $XLA_PYTHON_CLIENT_MEM_FRACTION or 0.75)")
+                    help="share of device memory the run may use (gpu: $XLA_PYTHON_CLIENT_MEM_FRACTION or 0.75)")
   plan.add_argument("--peak-flops", type=float, metavar="F", help="dense bf16 FLOP/s of one device")
   plan.add_argument("--ici-bandwidth", metavar="SIZE", help="bytes/s per device along an axis inside a slice/host")
   plan.add_argument("--dcn-bandwidth", metavar="SIZE", help="bytes/s per device along an axis across slices/hosts")
@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
   plan.add_argument("--ici-domain", type=int, metavar="N",
                     help="devices sharing the fast interconnect (gpu default 8: one NVLink host; 0: all devices)")
   plan.add_argument("--search", action="store_true", help="rank every mesh factorisation x remat policy")
-  plan.add_argument("--top", type=int, default=3, metavar="K", help="with --search: compile the K fastest that fit (default 3)")
+  plan.add_argument("--top", type=int, default=3, metavar="K",
+                    help="with --search: compile the K fastest that fit (default 3)")
   plan.add_argument("--json", action="store_true", help="print one JSON line instead of the report")
   plot = sub.add_parser("plot", help="draw the loss and learning-rate curves of one or more runs")
   plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
@@ -264,9 +265,9 @@ def _plan(args: argparse.Namespace) -> int:
   if args.devices < 1 or args.top < 1:
     raise ConfigError(f"--devices and --top: expected positive numbers, got {args.devices} and {args.top}")
   if "jax" not in sys.modules:  # compile on N simulated CPU devices: set up before jax is imported
-    from paxlite.plan import device_flags
-
-    os.environ.update(device_flags(args.devices))
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"  # on a GPU machine too: plans never touch the GPUs
   from paxlite import costmodel, plan
 
   hw = costmodel.default_hardware(args.platform, args.devices)

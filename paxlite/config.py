@@ -105,8 +105,8 @@ class ModelConfig:
   the block) | dots_saveable (keep matmul outputs) | dots_attention_saveable (also keep the
   fused attention's forward)."""
   attention: str = "auto"
-  """Attention implementation: auto (cudnn on GPU for 16-bit compute, else xla) | xla | cudnn (jax.nn.dot_product_attention) |
-  blockwise (plain-JAX flash attention: memory of cudnn on any backend)."""
+  """Attention: auto (cudnn on GPU for 16-bit compute, else xla) | xla | cudnn (both through
+  jax.nn.dot_product_attention) | blockwise (plain-JAX flash attention: cudnn's memory on any backend)."""
 
 
 @dataclass
@@ -583,7 +583,9 @@ def validate(cfg: Config) -> None:
   _positive("train.nan_limit", t.nan_limit, allow_zero=True)
   if cfg.mesh.stages > 1:
     stages, micro, repeats = cfg.mesh.stages, pipe.microbatches, pipe.repeats
-    shown = f"mesh.stage={cfg.mesh.stage}" + (f" x mesh.dcn_stage={cfg.mesh.dcn_stage}" if cfg.mesh.dcn_stage > 1 else "")
+    shown = f"mesh.stage={cfg.mesh.stage}"
+    if cfg.mesh.dcn_stage > 1:
+      shown += f" x mesh.dcn_stage={cfg.mesh.dcn_stage}"
     if m.num_layers % (stages * repeats):
       raise ConfigError(
           f"model.num_layers: {m.num_layers} layers do not split into {shown} x "

@@ -5,7 +5,7 @@ Memory per device = parameters + optimizer state (exact, from `explain_sharding`
 (parameter-sized) + the batch + saved activations + the transient of one layer's backward + the
 float32 logits. Saved activations per layer are what JAX's autodiff keeps for
 one decoder block under the remat policy, traced abstractly at per-device shapes
-(`jax.ad_checkpoint.saved_residuals`), times the layers a device holds.
+(what `jax.ad_checkpoint.print_saved_residuals` lists), times the layers a device holds.
 
 Step time = compute + critical communication + max(0, overlappable communication - compute):
   compute  = FLOPs per device / (peak FLOP/s x efficiency). FLOPs per device count every layer
@@ -14,8 +14,9 @@ Step time = compute + critical communication + max(0, overlappable communication
              +1/3 of the layer FLOPs, dots_saveable +1/3 of the attention FLOPs, pipelines +1/3:
              each iteration is rematerialised).
   critical = tensor-parallel all-reduces (7 per layer pass as XLA partitions paxlite's block,
-             +1 recomputed under remat full, +2 for the embedding and head) and pipeline permutes (the stage's activations, forward, backward
-             and recomputation, every iteration), at the axis's bandwidth.
+             +1 recomputed under remat full, +2 for the embedding and head) and pipeline
+             permutes (the stage's activations: forward, backward and recomputation, every
+             iteration), at the axis's bandwidth.
   overlappable = gradient all-reduce over data, weight all-gathers (forward and backward) and
              gradient reduce-scatter over fsdp, once per accumulation micro-batch; XLA's
              latency-hiding scheduler runs them beside the matmuls.
@@ -192,7 +193,8 @@ def _ring(kind: str, group: int, size: float) -> float:
   return (2.0 if kind == "all-reduce" else 1.0) * (group - 1) / group * size
 
 
-def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware, table: ShardingTable | None = None) -> Estimate:
+def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
+             table: ShardingTable | None = None) -> Estimate:
   """The cost model's memory and step time for `cfg` on a mesh of `mesh_shape` (its total axis
   sizes). Raises ConfigError when the layout is impossible (indivisible shapes). `table` is
   `explain_sharding(cfg)` when already at hand."""
@@ -209,8 +211,8 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware, table: Shard
   d, seq, layers = m.d_model, m.seq_len, m.num_layers
 
   # -- memory --------------------------------------------------------------------------
-  if schedule is None:
-    saved = layers / stages * block_residual_bytes(cfg, rows, tensor, m.remat)
+  if schedule is None:  # one stage: every layer's residuals, for every accumulation micro-batch in turn
+    saved = layers * block_residual_bytes(cfg, rows, tensor, m.remat)
     transient_rows, iterations, micro_rows = rows, 1, rows
   else:
     micro_rows = rows // schedule.microbatches
@@ -221,7 +223,8 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware, table: Shard
     saved = (iterations + schedule.microbatches) * micro_rows * seq * d * c
     saved += per_stage * block_residual_bytes(cfg, micro_rows, tensor, m.remat)
     transient_rows = micro_rows
-  transient = block_residual_bytes(cfg, transient_rows, tensor, "none") if m.remat != "none" or schedule else 0.0
+  recomputes = m.remat != "none" or schedule is not None
+  transient = block_residual_bytes(cfg, transient_rows, tensor, "none") if recomputes else 0.0
   logits = rows * seq * (m.vocab_size // tensor) * 4  # float32 logits (their gradient reuses the buffer)
   batch = t.batch_size // (data * fsdp) * (seq + 1) * 4
 
@@ -232,7 +235,7 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware, table: Shard
   tokens_dev = t.batch_size * seq / (data * fsdp)
   # layer-token passes one device runs per step, every iteration of a pipeline included
   if schedule is None:
-    passes = tokens_dev * layers / stages
+    passes = tokens_dev * layers
   else:
     passes = t.grad_accum * iterations * micro_rows * seq * layers / (stages * schedule.repeats)
   attention = 12.0 * d * seq
@@ -256,7 +259,7 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware, table: Shard
   # Per layer pass XLA all-reduces 2 activations forward (attention and MLP outputs) and 5
   # backward (the input gradient of each column-parallel projection, q k v gate up, separately),
   # and the attention output again when a full remat recomputes the layer (counted in the HLO).
-  reductions = 7 + (1 if m.remat == "full" or schedule else 0)
+  reductions = 7 + (1 if m.remat == "full" or schedule is not None else 0)
   tensor_bytes = passes * d * c * reductions + tokens_dev * d * c * 2
   comm["tensor"] = _ring("all-reduce", tensor, tensor_bytes)
   if schedule is not None:

@@ -30,6 +30,8 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+(" + "|".
 _CALLEES = re.compile(r"(?:calls|body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_REPLICA_GROUPS = re.compile(  # explicit {{..}} | {} | iota [G,S]<=[dims]T(perm) | mesh[...] {axes}
+    r"replica_groups=(\{\{[\d,{}]*\}\}|\{\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?|mesh\[.*?\}(?=[,\s]))")
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
 
 
@@ -136,7 +138,7 @@ def _groups(line: str, num_devices: int) -> np.ndarray | None:
   pairs = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", line)
   if pairs:
     return np.asarray(_ints(pairs.group(1))).reshape(-1, 2) if pairs.group(1) else None
-  m = re.search(r"replica_groups=(\{\{[\d,{}]*\}\}|\{\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?|mesh\[.*?\}(?=[,\s]))", line)
+  m = _REPLICA_GROUPS.search(line)
   if not m:
     return np.arange(num_devices)[None, :]
   text = m.group(1)
@@ -227,8 +229,9 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> list[Collective]:
       axes, group = _axes(_groups(line, num_devices), mesh_shape)
       if kind == "reduce-scatter":
         size *= max(group, 1)
-      entry_ = totals.setdefault((kind, axes), [0, 0, group])
-      entry_[0] += times
-      entry_[1] += times * size
+      total = totals.setdefault((kind, axes), [0, 0, group])
+      total[0] += times
+      total[1] += times * size
+  order = lambda item: (KINDS.index(item[0][0]), item[0][1])
   return [Collective(kind, axes, group, count, size)
-          for (kind, axes), (count, size, group) in sorted(totals.items(), key=lambda kv: (KINDS.index(kv[0][0]), kv[0][1]))]
+          for (kind, axes), (count, size, group) in sorted(totals.items(), key=order)]

@@ -26,16 +26,21 @@ import dataclasses
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 from typing import Any, Sequence
 
+import jax
+
 from paxlite.config import DCN_AXES, MESH_AXES, Config, ConfigError, validate
-from paxlite.costmodel import Estimate, Hardware, estimate
+from paxlite.costmodel import Estimate, Hardware, default_hardware, estimate
 from paxlite.hlo import Collective, collectives
-from paxlite.mesh import dcn_sizes, mesh_sizes
+from paxlite.mesh import dcn_sizes, make_mesh, mesh_sizes
+from paxlite.shardings import explain_sharding
+from paxlite.trainer import Trainer
 
 REMATS = ("none", "dots_attention_saveable", "full")
 
@@ -129,9 +134,6 @@ def _layout(cfg: Config, num_devices: int) -> tuple[dict[str, int], dict[str, in
 
 def compile_plan(cfg: Config, hw: Hardware, devices: Sequence[Any]) -> Plan:
   """Compiles the train step of `cfg` for `hw` on `devices` (CPU stand-ins) and reads it."""
-  from paxlite.mesh import make_mesh
-  from paxlite.trainer import Trainer
-
   mesh_shape, dcn = _layout(cfg, len(devices))
   planned = planning_config(cfg, hw)
   est = estimate(planned, mesh_shape, hw)
@@ -199,11 +201,13 @@ def candidates(cfg: Config, num_devices: int, hw: Hardware, remats: Sequence[str
       stages = total["stage"]
       micro = _microbatches(cfg, stages, total["data"] * total["fsdp"])
       pipe = cfg.pipeline
-      if stages == 1 or (pipe.schedule == "circular" and (micro < stages or cfg.model.num_layers % (stages * pipe.repeats))):
+      circular_fits = micro >= stages and cfg.model.num_layers % (stages * pipe.repeats) == 0
+      if stages == 1 or (pipe.schedule == "circular" and not circular_fits):
         pipe = dataclasses.replace(pipe, schedule="gpipe", repeats=1)
       pipe = dataclasses.replace(pipe, microbatches=micro)
       for remat in remats:
-        candidate = dataclasses.replace(cfg, mesh=mesh, pipeline=pipe, model=dataclasses.replace(cfg.model, remat=remat))
+        model = dataclasses.replace(cfg.model, remat=remat)
+        candidate = dataclasses.replace(cfg, mesh=mesh, pipeline=pipe, model=model)
         try:
           validate(candidate)
         except ConfigError:
@@ -213,8 +217,6 @@ def candidates(cfg: Config, num_devices: int, hw: Hardware, remats: Sequence[str
 
 
 def _estimated(cfg: Config, hw: Hardware, num_devices: int, tables: dict) -> Plan | None:
-  from paxlite.shardings import explain_sharding
-
   mesh_shape, dcn = _layout(cfg, num_devices)
   key = tuple(mesh_shape.values())
   try:
@@ -245,10 +247,11 @@ def search(cfg: Config, hw: Hardware, devices: Sequence[Any], *, top: int = 3,
   for _ in range(3 * top):
     if sum(p.compiled and p.fits for p in plans) >= top:
       break
-    waiting = [i for i in sorted(range(len(plans)), key=lambda i: rank(plans[i])) if plans[i].fits and not plans[i].compiled]
+    waiting = [i for i in range(len(plans)) if plans[i].fits and not plans[i].compiled]
     if not waiting:
       break
-    plans[waiting[0]] = compile_plan(configs[waiting[0]], hw, devices)
+    best = min(waiting, key=lambda i: rank(plans[i]))
+    plans[best] = compile_plan(configs[best], hw, devices)
     scale = statistics.median(p.memory.total / p.estimate.memory for p in plans if p.compiled)
     plans = [p if p.compiled else dataclasses.replace(p, memory_scale=scale) for p in plans]
   return sorted(plans, key=rank)
@@ -261,8 +264,6 @@ def search(cfg: Config, hw: Hardware, devices: Sequence[Any], *, top: int = 3,
 
 def cpu_devices(num_devices: int) -> list[Any] | None:
   """`num_devices` CPU devices of this process, or None when it has fewer."""
-  import jax
-
   try:
     found = jax.devices("cpu")
   except RuntimeError:
@@ -288,8 +289,6 @@ _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**
 
 def parse_size(text: str, flag: str) -> float:
   """'141GB' -> 141e9, '80GiB' -> 80 * 2**30, '5e10' -> 5e10 (bytes, or bytes/s for bandwidths)."""
-  import re
-
   m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)(?:/s)?\s*", text)
   if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
     raise ConfigError(f"{flag}: expected a positive size such as 141GB or 80GiB, got {text!r}")
@@ -304,21 +303,13 @@ def make_plan(cfg: Config, num_devices: int, *, platform: str = "gpu", search_la
   >>> [p] = make_plan(load_config("configs/bench-1.7b.yaml", {"mesh.data": 1}), 1)
   >>> p.fits, p.memory.total / 1e9
   """
-  from paxlite.costmodel import default_hardware
-
   hw = dataclasses.replace(default_hardware(platform, num_devices), **hardware)
   return run(cfg, num_devices, hw, search_layouts=search_layouts, top=top)
 
 
-def device_flags(num_devices: int) -> dict[str, str]:
-  """Environment for a process whose jax sees `num_devices` simulated CPU devices."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-  flags.append(f"--xla_force_host_platform_device_count={num_devices}")
-  return {"XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
-
-
 def hardware_args(hw: Hardware) -> list[str]:
-  return ["--platform", hw.platform, "--device-memory", f"{hw.memory:.0f}B", "--memory-fraction", str(hw.memory_fraction),
+  return ["--platform", hw.platform, "--device-memory", f"{hw.memory:.0f}B",
+          "--memory-fraction", str(hw.memory_fraction),
           "--peak-flops", repr(hw.peak_flops), "--ici-bandwidth", f"{hw.ici_bandwidth:.0f}B",
           "--dcn-bandwidth", f"{hw.dcn_bandwidth:.0f}B", "--efficiency", str(hw.efficiency),
           "--ici-domain", str(hw.ici_domain or 0)]
@@ -332,7 +323,8 @@ def _run_in_subprocess(cfg: Config, num_devices: int, hw: Hardware, *, search_la
     cmd = [sys.executable, "-m", "paxlite", "plan", path, "--devices", str(num_devices), *hardware_args(hw), "--json"]
     if search_layouts:
       cmd += ["--search", "--top", str(top)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **device_flags(num_devices)})
+    # The command sets up its N simulated CPU devices itself, before it imports jax.
+    proc = subprocess.run(cmd, capture_output=True, text=True)
   lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
   if proc.returncode not in (0, 1) or not lines:
     last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -389,7 +381,8 @@ def format_plan(plan: Plan, cfg: Config) -> str:
       f"  total                                {_size(mem.total):>12}   {verdict}: {100 * mem.total / usable:.1f}% of "
       f"{_size(usable)} usable (cost model: {_size(est.memory)})",
       "",
-      f"FLOPs per step: model {est.model_flops * n / 1e12:,.1f} TFLOP ({est.model_flops / 1e12:,.2f} TFLOP per device); "
+      f"FLOPs per step: model {est.model_flops * n / 1e12:,.1f} TFLOP "
+      f"({est.model_flops / 1e12:,.2f} TFLOP per device); "
       f"run per device with recomputation and bubbles {est.flops / 1e12:,.2f} TFLOP",
       "",
       "collectives per step (optimized HLO; inside loops x trip count)",

@@ -168,7 +168,8 @@ def test_distributed_settings_come_from_config_then_environment(monkeypatch):
 
 
 def test_single_process_runs_do_not_initialise(monkeypatch):
-  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri"):
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
+               "OMPI_MCA_orte_hnp_uri"):
     monkeypatch.delenv(name, raising=False)
   assert initialize_distributed(DistributedConfig()) is False
   assert initialize_distributed(DistributedConfig(num_processes=1)) is False
