@@ -169,7 +169,9 @@ class Checkpointer:
         cleanup_tmp_directories=True,  # the remains of a write killed half-way
         async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
     )
-    handlers = {"state": ocp.StandardCheckpointHandler(), **{n: ocp.JsonCheckpointHandler() for n in JSON_ITEMS}}
+    # The PyTree handler (not the Standard one) so that `restore_params` can read the
+    # parameters alone (partial restore); both write the same format.
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), **{n: ocp.JsonCheckpointHandler() for n in JSON_ITEMS}}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self.last_saved: int | None = self._manager.latest_step()  # newest complete step
 
@@ -206,7 +208,7 @@ class Checkpointer:
     if step == self.last_saved:
       return False
     self._check_space(step, state)
-    args = {"state": ocp.args.StandardSave(state)}
+    args = {"state": ocp.args.PyTreeSave(state)}
     for name, value in (items or {}).items():
       if value is not None:
         args[name] = ocp.args.JsonSave(value)
@@ -257,9 +259,7 @@ class Checkpointer:
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Reads only the parameters of `step` (Orbax partial restore: the optimizer state is
     never read) onto the shardings carried by `abstract_params`."""
-    item = {"params": abstract_params}
-    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                  partial_restore=True)
+    args = _pytree_restore({"params": abstract_params}, partial_restore=True)
     return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
   def wait(self) -> None:
@@ -319,7 +319,7 @@ class Checkpointer:
 
   def _read(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     present = set(self._manager.item_metadata(step).keys())
-    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    args = {"state": _pytree_restore(abstract_state)}
     args.update({n: ocp.args.JsonRestore() for n in JSON_ITEMS if n in present})
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     return restored["state"], {n: restored[n] for n in JSON_ITEMS if n in present}
@@ -336,6 +336,12 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"paxlite_set_aside_{step}")
     self._manager.reload()
     return dest
+
+
+def _pytree_restore(abstract: Any, **kwargs: Any) -> Any:
+  """Restore arguments reading each array straight into the sharding `abstract` carries."""
+  return ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                **kwargs)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
