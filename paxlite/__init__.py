@@ -10,6 +10,7 @@
 >>> trainer.evaluate()
 >>> model, cfg = paxlite.load("runs/tiny")       # a trained run's model (latest checkpoint)
 >>> paxlite.generate(model, [[100, 101, 102]], max_new_tokens=20, rules=cfg.rules)
+>>> [plan] = paxlite.make_plan(cfg, 64)            # will it fit on 64 GPUs? (compiled on CPU stand-ins)
 
 Names are imported on first use, so `import paxlite` (and the `paxlite` command's config
 checks) do not import jax: set XLA_FLAGS or JAX_PLATFORMS before touching a jax-backed name.
@@ -53,6 +54,11 @@ _EXPORTS = {
     "evaluate": "paxlite.evaluation",
     "export_hf": "paxlite.export",
     "import_hf": "paxlite.export",
+    "make_plan": "paxlite.plan",
+    "Plan": "paxlite.plan",
+    "Hardware": "paxlite.costmodel",
+    "DistributedConfig": "paxlite.config",
+    "initialize_distributed": "paxlite.mesh",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""The `paxlite` command: `paxlite train|shardings|bench CONFIG [key=value ...]`, `paxlite keys`,
+"""The `paxlite` command: `paxlite train|shardings|bench|plan CONFIG [key=value ...]`, `paxlite keys`,
 `paxlite plot RUN_DIR...`, and `sample`, `eval`, `export`, `import-hf` on run directories.
 
 Every user mistake (a bad key, type, size, path or mesh) ends as one line on stderr naming
@@ -49,6 +49,25 @@ def _parser() -> argparse.ArgumentParser:
                           "each runs in its own process")
   bench.add_argument("--json", action="store_true", help="print only the JSON result line(s)")
   bench.add_argument("--out", help="also append the JSON result lines to this file")
+  plan = sub.add_parser("plan", help="compile the train step for N devices without them: memory, FLOPs, "
+                                      "collectives, FITS or DOES NOT FIT; --search ranks every layout")
+  plan.add_argument("config", help="YAML config, e.g. configs/bench-1.7b.yaml")
+  plan.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.fsdp=8")
+  plan.add_argument("--devices", type=int, required=True, metavar="N", help="devices of the run to plan")
+  plan.add_argument("--platform", default="gpu", help="gpu (H200 defaults) | tpu (v5p) | cpu (default gpu)")
+  plan.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 141GB or 80GiB")
+  plan.add_argument("--memory-fraction", type=float, metavar="F",
+                    help="share of device memory the run may use (gpu: $XLA_PYTHON_CLIENT_MEM_FRACTION or 0.75)")
+  plan.add_argument("--peak-flops", type=float, metavar="F", help="dense bf16 FLOP/s of one device")
+  plan.add_argument("--ici-bandwidth", metavar="SIZE", help="bytes/s per device along an axis inside a slice/host")
+  plan.add_argument("--dcn-bandwidth", metavar="SIZE", help="bytes/s per device along an axis across slices/hosts")
+  plan.add_argument("--efficiency", type=float, metavar="F", help="fraction of peak FLOP/s reached (default 0.55)")
+  plan.add_argument("--ici-domain", type=int, metavar="N",
+                    help="devices sharing the fast interconnect (gpu default 8: one NVLink host; 0: all devices)")
+  plan.add_argument("--search", action="store_true", help="rank every mesh factorisation x remat policy")
+  plan.add_argument("--top", type=int, default=3, metavar="K",
+                    help="with --search: compile the K fastest that fit (default 3)")
+  plan.add_argument("--json", action="store_true", help="print one JSON line instead of the report")
   plot = sub.add_parser("plot", help="draw the loss and learning-rate curves of one or more runs")
   plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
   plot.add_argument("--out", default=None, help="image file to write (default RUN_DIR/loss.png of the first run)")
@@ -158,14 +177,17 @@ def _quiet_background_failures() -> None:
 
 def _train(args: argparse.Namespace) -> int:
   cfg = load_config(args.config, args.overrides)
-  from paxlite.trainer import Trainer  # imports jax: after the config is known to be good
+  from paxlite.mesh import initialize_distributed  # imports jax: after the config is known to be good
+
+  initialize_distributed(cfg.distributed)  # before anything touches a device
+  from paxlite.trainer import Trainer
 
   _quiet_background_failures()
   trainer = Trainer(cfg)
   history = trainer.train()
   if trainer.stopped_by is not None:  # the trainer said which checkpoint holds the run
     return EXIT_SIGINT if trainer.stopped_by == "SIGINT" else 0
-  if history:
+  if history and trainer.is_writer:
     last = history[-1]
     summary = f"paxlite: done, step {last['step']}, loss {last['loss']:.4f}"
     if "eval_loss" in last:
@@ -234,6 +256,43 @@ def _shardings(args: argparse.Namespace) -> int:
   return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+  import dataclasses
+  import json
+  import os
+
+  cfg = load_config(args.config, args.overrides)
+  if args.devices < 1 or args.top < 1:
+    raise ConfigError(f"--devices and --top: expected positive numbers, got {args.devices} and {args.top}")
+  if "jax" not in sys.modules:  # compile on N simulated CPU devices: set up before jax is imported
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"  # on a GPU machine too: plans never touch the GPUs
+  from paxlite import costmodel, plan
+
+  hw = costmodel.default_hardware(args.platform, args.devices)
+  given = {"memory": args.device_memory and plan.parse_size(args.device_memory, "--device-memory"),
+           "memory_fraction": args.memory_fraction, "peak_flops": args.peak_flops, "efficiency": args.efficiency,
+           "ici_bandwidth": args.ici_bandwidth and plan.parse_size(args.ici_bandwidth, "--ici-bandwidth"),
+           "dcn_bandwidth": args.dcn_bandwidth and plan.parse_size(args.dcn_bandwidth, "--dcn-bandwidth")}
+  for key, value in given.items():
+    if value is not None and not (value > 0 and (key not in ("memory_fraction", "efficiency") or value <= 1)):
+      raise ConfigError(f"--{key.replace('_', '-')}: expected a positive number (at most 1 for fractions), got {value}")
+  hw = dataclasses.replace(hw, **{k: v for k, v in given.items() if v is not None})
+  if args.ici_domain is not None:
+    if args.ici_domain < 0:
+      raise ConfigError(f"--ici-domain: expected a number of devices (0: all), got {args.ici_domain}")
+    hw = dataclasses.replace(hw, ici_domain=args.ici_domain or None)
+  plans = plan.run(cfg, args.devices, hw, search_layouts=args.search, top=args.top)
+  if args.json:
+    print(json.dumps({"plans": [p.to_dict() for p in plans]}))
+  elif args.search:
+    print(plan.format_search(plans, cfg))
+  else:
+    print(plan.format_plan(plans[0], cfg))
+  return 0 if plans and plans[0].fits else 1
+
+
 def _plot(args: argparse.Namespace) -> int:
   from paxlite.plot import plot_runs
 
@@ -258,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
       return _shardings(args)
     if args.command == "bench":
       return _bench(args)
+    if args.command == "plan":
+      return _plan(args)
     if args.command == "plot":
       return _plot(args)
     if args.command == "keys":

@@ -20,6 +20,7 @@ import yaml
 DTYPES = ("float32", "bfloat16", "float16")
 FP8_MODES = ("none", "current", "delayed")
 MESH_AXES = ("data", "fsdp", "stage", "tensor")
+DCN_AXES = ("data", "fsdp", "stage")  # mesh axes that may also span slices / hosts (mesh.dcn_<axis>)
 
 
 class ConfigError(ValueError):
@@ -105,19 +106,46 @@ class ModelConfig:
   the block) | dots_saveable (keep matmul outputs) | dots_attention_saveable (also keep the
   fused attention's forward)."""
   attention: str = "auto"
-  """jax.nn.dot_product_attention implementation: auto | xla | cudnn."""
+  """Attention: auto (cudnn on GPU for 16-bit compute, else xla) | xla | cudnn (both through
+  jax.nn.dot_product_attention) | blockwise (plain-JAX flash attention: cudnn's memory on any backend)."""
 
 
 @dataclass
 class MeshConfig:
   data: int = -1
-  """Data-parallel axis size. -1 (at most one axis) takes the remaining devices."""
+  """Data-parallel axis size (per slice or host when a mesh.dcn_* axis is > 1). -1 (at most one
+  axis) takes the remaining devices."""
   fsdp: int = 1
   """Fully-sharded data-parallel axis size (parameters and optimiser state split)."""
   stage: int = 1
   """Pipeline stages: the stacked layers split over this axis (rule `layers -> stage`)."""
   tensor: int = 1
   """Tensor-parallel axis size (heads and MLP split)."""
+  dcn_data: int = 1
+  """Slices or hosts the data axis spans: the mesh's data axis is data x dcn_data, with the
+  dcn_data groups across the slow network (DCN, InfiniBand) and `data` inside a slice or host."""
+  dcn_fsdp: int = 1
+  """Slices or hosts the fsdp axis spans (fsdp x dcn_fsdp in all); parameter gathers cross the slow network."""
+  dcn_stage: int = 1
+  """Slices or hosts the pipeline spans (stage x dcn_stage stages in all); only activations cross between them."""
+
+  @property
+  def stages(self) -> int:
+    """Pipeline stages in all: stage x dcn_stage."""
+    return self.stage * self.dcn_stage
+
+
+@dataclass
+class DistributedConfig:
+  coordinator: str | None = None
+  """host:port of process 0's coordination service for multi-process runs. Null: $JAX_COORDINATOR_ADDRESS,
+  else what a detected cluster launcher (SLURM, Open MPI, Cloud TPU, GKE) says, else one process."""
+  num_processes: int | None = None
+  """Processes in the run. Null: $JAX_NUM_PROCESSES, else the launcher's count."""
+  process_id: int | None = None
+  """This process's index, 0 .. num_processes-1. Null: $JAX_PROCESS_ID, else the launcher's rank."""
+  timeout_s: int = 300
+  """Seconds to wait for every process to join before failing."""
 
 
 @dataclass
@@ -247,6 +275,7 @@ class RunConfig:
 class Config:
   model: ModelConfig = field(default_factory=ModelConfig)
   mesh: MeshConfig = field(default_factory=MeshConfig)
+  distributed: DistributedConfig = field(default_factory=DistributedConfig)
   rules: list[list[Any]] = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
   pipeline: PipelineConfig = field(default_factory=PipelineConfig)
   precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -515,7 +544,7 @@ def validate(cfg: Config) -> None:
   if m.max_seq_len is not None and m.seq_len > m.max_seq_len:
     raise ConfigError(f"model.seq_len: {m.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   _choice("model.remat", m.remat, ("none", "full", "dots_saveable", "dots_attention_saveable"))
-  _choice("model.attention", m.attention, ("auto", "xla", "cudnn"))
+  _choice("model.attention", m.attention, ("auto", "xla", "cudnn", "blockwise"))
 
   for axis in MESH_AXES:
     size = getattr(cfg.mesh, axis)
@@ -525,6 +554,21 @@ def validate(cfg: Config) -> None:
     raise ConfigError("mesh: at most one of mesh.data|fsdp|stage|tensor may be -1")
   if cfg.mesh.stage == -1:
     raise ConfigError("mesh.stage: expected an explicit number of pipeline stages, got -1")
+  for axis in DCN_AXES:
+    _positive(f"mesh.dcn_{axis}", getattr(cfg.mesh, f"dcn_{axis}"))
+  dist = cfg.distributed
+  _positive("distributed.num_processes", dist.num_processes)
+  _positive("distributed.timeout_s", dist.timeout_s)
+  if dist.process_id is not None:
+    if dist.process_id < 0:
+      raise ConfigError(f"distributed.process_id: expected a non-negative number, got {dist.process_id}")
+    if dist.num_processes is not None and dist.process_id >= dist.num_processes:
+      raise ConfigError(f"distributed.process_id: {dist.process_id} is not below distributed.num_processes="
+                        f"{dist.num_processes}")
+  if dist.coordinator is not None:
+    host, sep, port = dist.coordinator.rpartition(":")
+    if not (sep and host and port.isdigit()):
+      raise ConfigError(f"distributed.coordinator: expected host:port, got {dist.coordinator!r}")
   pipe = cfg.pipeline
   _positive("pipeline.microbatches", pipe.microbatches)
   _positive("pipeline.repeats", pipe.repeats)
@@ -560,15 +604,18 @@ def validate(cfg: Config) -> None:
     raise ConfigError(f"train.grad_accum: {t.grad_accum} must divide train.batch_size={t.batch_size}")
   _choice("train.on_nan", t.on_nan, ("skip", "rollback", "stop"))
   _positive("train.nan_limit", t.nan_limit, allow_zero=True)
-  if cfg.mesh.stage > 1:
-    stages, micro, repeats = cfg.mesh.stage, pipe.microbatches, pipe.repeats
+  if cfg.mesh.stages > 1:
+    stages, micro, repeats = cfg.mesh.stages, pipe.microbatches, pipe.repeats
+    shown = f"mesh.stage={cfg.mesh.stage}"
+    if cfg.mesh.dcn_stage > 1:
+      shown += f" x mesh.dcn_stage={cfg.mesh.dcn_stage}"
     if m.num_layers % (stages * repeats):
       raise ConfigError(
-          f"model.num_layers: {m.num_layers} layers do not split into mesh.stage={stages} x "
+          f"model.num_layers: {m.num_layers} layers do not split into {shown} x "
           f"pipeline.repeats={repeats} equal stages")
     if repeats > 1 and micro < stages:
       raise ConfigError(
-          f"pipeline.microbatches: the circular schedule needs at least mesh.stage={stages} micro-batches, got {micro}")
+          f"pipeline.microbatches: the circular schedule needs at least {shown} micro-batches, got {micro}")
     if (t.batch_size // t.grad_accum) % micro:
       raise ConfigError(
           f"pipeline.microbatches: {micro} does not divide the {t.batch_size // t.grad_accum} sequences of a "

@@ -22,7 +22,8 @@ from paxlite.models.transformer import Transformer
 # Inference defaults to plain data parallelism over the local devices, whatever mesh the run
 # trained on; `mesh.*` overrides choose another (e.g. mesh.data=1 mesh.tensor=8 for a model
 # too large for one device).
-_INFERENCE_MESH = {"mesh.data": -1, "mesh.fsdp": 1, "mesh.stage": 1, "mesh.tensor": 1}
+_INFERENCE_MESH = {"mesh.data": -1, "mesh.fsdp": 1, "mesh.stage": 1, "mesh.tensor": 1, "mesh.dcn_data": 1,
+                   "mesh.dcn_fsdp": 1, "mesh.dcn_stage": 1}
 
 
 def run_config(run_dir: str, overrides: dict[str, Any] | list[str] | None = None) -> Config:

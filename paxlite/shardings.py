@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from paxlite.config import MESH_AXES, Config
-from paxlite.mesh import mesh_sizes
+from paxlite.mesh import dcn_sizes, mesh_sizes
 from paxlite.models.build import ModelFn, ModelLayout, default_model_fn, is_spec, layout_model
 from paxlite.partitioning import LogicalNames, format_rules, path_str, record_constraints, resolve
 from paxlite.trainer import make_optimizer, opt_state_like
@@ -150,7 +150,8 @@ def explain_sharding(cfg: Config, *, num_devices: int | None = None, model_fn: M
   """
   sizes = [getattr(cfg.mesh, a) for a in MESH_AXES]
   if num_devices is None:
-    num_devices = math.prod(sizes) if -1 not in sizes else jax.device_count()
+    granules = math.prod(dcn_sizes(cfg.mesh).values())
+    num_devices = math.prod(sizes) * granules if -1 not in sizes else jax.device_count()
   mesh_shape = mesh_sizes(cfg.mesh, num_devices)
   model_fn = model_fn or default_model_fn(cfg)
   layout = layout_model(model_fn, cfg.rules, mesh_shape)

@@ -274,9 +274,26 @@ class Trainer:
 
   # -- data ------------------------------------------------------------------------------
 
+  def data_shard(self) -> tuple[int, int]:
+    """(index, count): this process reads block `index` of `count` equal blocks of rows of
+    every global batch, the rows its devices hold under the batch sharding. Processes whose
+    devices hold the same rows (a tensor or stage axis across processes) read the same block."""
+    batch = self.cfg.train.batch_size
+    rows: set[int] = set()
+    for index in self.batch_sharding.addressable_devices_indices_map((batch, 1)).values():
+      rows.update(range(batch)[index[0]])
+    first, count = min(rows), len(rows)
+    if rows != set(range(first, first + count)) or first % count or batch % count:
+      raise ConfigError(
+          f"mesh.dcn_fsdp: process {jax.process_index()}'s devices hold rows {sorted(rows)} of each batch, not "
+          f"one contiguous block, and the data loader reads one block per process; split slices or hosts "
+          f"with mesh.dcn_data, or keep mesh.data=1 when mesh.dcn_fsdp > 1")
+    return first // count, batch // count
+
   def _data_kwargs(self) -> dict[str, Any]:
+    index, count = self.data_shard()
     return dict(seq_len=self.cfg.model.seq_len, vocab_size=self.cfg.model.vocab_size,
-                process_index=jax.process_index(), process_count=jax.process_count())
+                process_index=index, process_count=count)
 
   def loader(self):
     if self._loader is None:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from paxlite.config import ModelConfig
+from paxlite.models.blockwise import blockwise_attention
 from paxlite.models.layers import Einsum, rotary, scaled_normal
 from paxlite.numerics import Fp8Recipe
 from paxlite.partitioning import constrain
@@ -67,8 +68,12 @@ class Attention(nnx.Module):
     v = constrain(self.v(x_btd), ("batch", "length", "act_kv_heads", "head_dim"))
     if kv_cache is None:
       # Softmax runs in float32 inside the fused kernel (cuDNN) or XLA's lowering.
-      out = jax.nn.dot_product_attention(*_cpu_float16_safe(q, k, v), is_causal=True,
-                                         implementation=attention_implementation(self.attention, q.dtype))
+      implementation = attention_implementation(self.attention, q.dtype)
+      if implementation == "blockwise":
+        out = blockwise_attention(q, k, v)
+      else:
+        out = jax.nn.dot_product_attention(*_cpu_float16_safe(q, k, v), is_causal=True,
+                                           implementation=implementation)
     else:
       keys, values = (write_at(c, new, positions_bt) for c, new in zip(kv_cache, (k, v)))
       # Slots past a query's position hold padding or stale entries: masked, never read.

@@ -32,9 +32,9 @@ ModelFn = Callable[[nnx.Rngs], nnx.Module]
 
 def pipeline_schedule(cfg: Config) -> Schedule | None:
   """The pipeline schedule a config asks for, None without pipeline stages."""
-  if cfg.mesh.stage <= 1:
+  if cfg.mesh.stages <= 1:
     return None
-  return Schedule(cfg.mesh.stage, cfg.pipeline.microbatches, cfg.pipeline.repeats)
+  return Schedule(cfg.mesh.stages, cfg.pipeline.microbatches, cfg.pipeline.repeats)
 
 
 def default_model_fn(cfg: Config) -> ModelFn:

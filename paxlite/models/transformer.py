@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from paxlite.config import ModelConfig
+from paxlite.models import blockwise
 from paxlite.models.attention import KV, Attention, write_at
 from paxlite.models.layers import Einsum, Embed, RMSNorm, scaled_normal
 from paxlite.numerics import DtypePolicy, Fp8Recipe
@@ -30,7 +31,10 @@ def _save_dots_and_attention(prim, *args, **params) -> bool:
   softmax statistics); recompute only the cheap elementwise work (norms, rotary, SwiGLU)."""
   if jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params):
     return True
-  # jax's cuDNN flash-attention forward ("dot_product_attention_fwd_wrapper" in jax 0.10/0.11).
+  # jax's cuDNN flash-attention forward ("dot_product_attention_fwd_wrapper" in jax 0.10/0.11),
+  # or the output and log-sum-exp of paxlite's blockwise attention (named by checkpoint_name).
+  if prim.name == "name":
+    return params.get("name") == blockwise.SAVE_NAME
   return prim.name.startswith("dot_product_attention_fwd")
 
 
