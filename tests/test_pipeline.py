@@ -53,6 +53,11 @@ def test_pipelined_losses_and_grads_equal_single_device(reference, mesh, schedul
   assert q.addressable_shards[0].data.shape[0] == 8 // trainer.mesh.shape["stage"]
 
 
+def test_pipeline_with_gradient_accumulation_equals_single_device(reference):
+  _, got = run({"mesh.stage": 2, "mesh.data": 4, "pipeline.microbatches": 2, "train.grad_accum": 2, **CIRCULAR})
+  np.testing.assert_allclose(got, reference, rtol=1e-5)
+
+
 def test_bubble_formula():
   assert Schedule(4, 8).bubble == pytest.approx(3 / 11)
   assert Schedule(4, 8, repeats=2).bubble == pytest.approx(3 / 19)
