@@ -16,7 +16,7 @@ import math
 from typing import Any, Iterator, Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from paxlite.config import ConfigError
 
@@ -163,39 +163,6 @@ def path_str(path: Sequence[Any]) -> str:
     key = getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))
     parts.append(str(key))
   return ".".join(parts)
-
-
-def is_variable(x: Any) -> bool:
-  from flax import nnx
-
-  return isinstance(x, nnx.Variable)
-
-
-def state_specs(state: Any, rules: Rules, mesh: Mesh | None = None) -> Any:
-  """PartitionSpecs for every Variable in an nnx.State (same tree, Variables -> specs).
-
-  Every array must carry logical names for each of its dimensions (scalars excepted): an
-  unannotated parameter is an error rather than silently replicated.
-  """
-  mesh_shape = _mesh_shape(mesh) if mesh is not None else None
-
-  def spec_of(path, var):
-    shape = tuple(var.shape) if hasattr(var, "shape") else ()
-    names = variable_names(var)
-    what = f"parameter '{path_str(path)}' {shape}"
-    if names is None:
-      if len(shape) == 0:
-        return P()
-      raise ConfigError(f"{what}: has no logical axis names (create it with nnx.with_partitioning)")
-    return resolve(names, rules, shape=shape, mesh_shape=mesh_shape, what=what)
-
-  return jax.tree_util.tree_map_with_path(spec_of, state, is_leaf=is_variable)
-
-
-def state_shardings(state: Any, rules: Rules, mesh: Mesh) -> Any:
-  """NamedShardings for every Variable in an nnx.State under `rules` on `mesh`."""
-  specs = state_specs(state, rules, mesh)
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def format_rules(rules: Rules) -> str:

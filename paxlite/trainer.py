@@ -28,7 +28,6 @@ from paxlite.faults import LoopCounters, NonFiniteError, StopSignals, guard_upda
 from paxlite.mesh import describe, make_mesh
 from paxlite.metrics import MetricsWriter, Progress, Timer, flops_per_token, peak_flops_for
 from paxlite.models.build import ModelFn, default_model_fn, init_params, layout_model, pipeline_schedule
-from paxlite.models.build import param_layout  # noqa: F401  (moved there; still importable from here)
 from paxlite.numerics import LossScaler, update_histories
 from paxlite.partitioning import axis_rules, constrain, resolve
 

@@ -1,6 +1,5 @@
 """fp8 quantisation, scaling and amax histories; loss scaling; the HLO GEMM counter; config keys."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

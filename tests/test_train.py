@@ -1,7 +1,5 @@
 """The backbone: every mesh layout gives the single-device numbers (float32)."""
 
-import json
-import os
 
 import jax
 import numpy as np
