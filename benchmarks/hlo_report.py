@@ -10,7 +10,6 @@ import gzip
 import os
 import re
 import sys
-import time
 
 
 def summarize(hlo: str) -> dict:

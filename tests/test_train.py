@@ -1,6 +1,5 @@
 """The backbone: every mesh layout gives the single-device numbers (float32)."""
 
-
 import jax
 import numpy as np
 import pytest
