@@ -165,6 +165,25 @@ def path_str(path: Sequence[Any]) -> str:
   return ".".join(parts)
 
 
+def flat_variables(state: Any) -> list[tuple[tuple[Any, ...], Any]]:
+  """(path, nnx.Variable) for every variable of an nnx.State, across Flax's API versions."""
+  from flax import nnx
+
+  flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
+  return [(tuple(path), var) for path, var in flat]
+
+
+def nest(flat: Sequence[tuple[tuple[Any, ...], Any]]) -> dict:
+  """[(path, value), ...] -> a nested dict keyed by the path's parts."""
+  out: dict = {}
+  for path, value in flat:
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return out
+
+
 def format_rules(rules: Rules) -> str:
   """The table as aligned text, for logs and `paxlite shardings`."""
   table = normalize_rules(rules)

@@ -23,7 +23,7 @@ from paxlite.mesh import make_mesh
 from paxlite.models.transformer import Transformer
 from paxlite.numerics import DtypePolicy, Fp8History, Fp8Seen
 from paxlite.pipeline import Schedule
-from paxlite.partitioning import Rules, axis_rules, path_str, resolve, variable_names
+from paxlite.partitioning import Rules, axis_rules, flat_variables, nest, path_str, resolve, variable_names
 
 ModelFn = Callable[[nnx.Rngs], nnx.Module]
 """Creates a model from its random streams; its parameters carry logical names
@@ -63,21 +63,6 @@ def split_model(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State, nnx.State
   return graphdef, params, fp8, seen
 
 
-def _flat_variables(state: nnx.State) -> list[tuple[tuple[Any, ...], Any]]:
-  flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
-  return [(tuple(path), var) for path, var in flat]
-
-
-def _nest(flat: list[tuple[tuple[Any, ...], Any]]) -> dict:
-  out: dict = {}
-  for path, value in flat:
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return out
-
-
 def param_layout(abstract_state: nnx.State, rules: Rules, mesh: Mesh | Mapping[str, int]) -> tuple[dict, dict]:
   """(PartitionSpecs, logical names) as pure dicts mirroring the parameter tree.
 
@@ -87,7 +72,7 @@ def param_layout(abstract_state: nnx.State, rules: Rules, mesh: Mesh | Mapping[s
   """
   mesh_shape = dict(getattr(mesh, "shape", mesh))
   specs, names = [], []
-  for path, var in _flat_variables(abstract_state):
+  for path, var in flat_variables(abstract_state):
     shape = tuple(var.shape)
     what = f"parameter '{path_str(path)}' {shape}"
     logical = variable_names(var)
@@ -97,7 +82,7 @@ def param_layout(abstract_state: nnx.State, rules: Rules, mesh: Mesh | Mapping[s
       logical = ()
     specs.append((path, resolve(logical, rules, shape=shape, mesh_shape=mesh_shape, what=what)))
     names.append((path, logical))
-  return _nest(specs), _nest(names)
+  return nest(specs), nest(names)
 
 
 def is_spec(x: Any) -> bool:

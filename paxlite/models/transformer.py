@@ -22,7 +22,7 @@ from paxlite.models import blockwise
 from paxlite.models.attention import KV, Attention, write_at
 from paxlite.models.layers import Einsum, Embed, RMSNorm, scaled_normal
 from paxlite.numerics import DtypePolicy, Fp8Recipe
-from paxlite.partitioning import constrain, variable_names
+from paxlite.partitioning import constrain, flat_variables, nest, variable_names
 from paxlite.pipeline import Schedule, pipeline_apply
 
 
@@ -184,13 +184,9 @@ class Transformer(nnx.Module):
 
   def _run_pipeline(self, block_fn, layer_state, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
     """The stacked blocks as pipeline stages over the `stage` mesh axis (paxlite.pipeline)."""
-    flat = nnx.to_flat_state(layer_state) if hasattr(nnx, "to_flat_state") else layer_state.flat_state()
-    params, names = {}, {}
-    for path, var in flat:
-      node_p, node_n = params, names
-      for key in path[:-1]:
-        node_p, node_n = node_p.setdefault(key, {}), node_n.setdefault(key, {})
-      node_p[path[-1]], node_n[path[-1]] = var[...], variable_names(var)
+    flat = flat_variables(layer_state)
+    params = nest([(path, var[...]) for path, var in flat])
+    names = nest([(path, variable_names(var)) for path, var in flat])
     m = self.pipeline.microbatches
     b, t = x_btd.shape[:2]
 
