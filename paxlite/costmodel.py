@@ -41,7 +41,7 @@ from flax import nnx
 
 from paxlite.config import MESH_AXES, Config, ConfigError, MeshConfig, ModelConfig, PrecisionConfig
 from paxlite.mesh import device_array
-from paxlite.metrics import count_params, flops_per_token
+from paxlite.metrics import count_params, flops_per_token, peak_flops_for
 from paxlite.models.build import no_eager_sharding, pipeline_schedule
 from paxlite.models.transformer import _REMAT_POLICIES, DecoderBlock
 from paxlite.numerics import DtypePolicy
@@ -85,9 +85,9 @@ def default_hardware(platform: str, num_devices: int) -> Hardware:
   devices for cpu, with rough compute and copy rates."""
   if platform == "gpu":
     fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75))
-    return Hardware("gpu", "NVIDIA H200", 141e9, fraction, 989e12, 450e9, 50e9, ici_domain=8)
+    return Hardware("gpu", "NVIDIA H200", 141e9, fraction, peak_flops_for("NVIDIA H200"), 450e9, 50e9, ici_domain=8)
   if platform == "tpu":
-    return Hardware("tpu", "TPU v5p", 95 * 2**30, 1.0, 459e12, 400e9, 6.25e9)
+    return Hardware("tpu", "TPU v5p", 95 * 2**30, 1.0, peak_flops_for("TPU v5p"), 400e9, 6.25e9)
   if platform == "cpu":
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return Hardware("cpu", "host CPU", host / num_devices, 1.0, 1e11, 10e9, 10e9)
