@@ -1,0 +1,79 @@
+"""Where a step's GPU time goes: reads a jax.profiler trace (the *.trace.json.gz that
+`hlo_report.py --trace` writes) and prints the kernel time per step by kind (GEMM, attention,
+copies, collectives, other fusions), the idle time, and the top kernels.
+
+  python benchmarks/trace_summary.py OUT/trace [--steps 3] [--top 25]
+
+Kernel names are matched by prefix; the kinds are what the H200 profile of the 1.7B step
+shows (cuBLAS "nvjet"/"sm90_xmma", Triton "gemm_fusion", cuDNN flash attention, NCCL).
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+
+KINDS = (
+    ("gemm", ("nvjet", "sm90_xmma", "cutlass", "gemm_fusion", "ampere_", "sm80_")),
+    ("attention", ("cudnn", "flash")),
+    ("collective", ("nccl", "ncclDevKernel", "all-reduce", "all-gather", "reduce-scatter")),
+    ("copy/memset", ("memcpy", "Memcpy", "Memset", "memset", "copy")),
+)
+
+
+def kind_of(kernel: str) -> str:
+  for kind, prefixes in KINDS:
+    if kernel.startswith(prefixes) or any(p in kernel for p in prefixes[:2]):
+      return kind
+  return "other fusions"
+
+
+def load(trace_dir: str) -> list[dict]:
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+  if not files:
+    raise SystemExit(f"trace_summary: no *.trace.json.gz under {trace_dir}")
+  with gzip.open(files[-1]) as f:
+    events = json.load(f)["traceEvents"]
+  devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+             and "/device:" in e["args"]["name"]}
+  return [e for e in events if e.get("ph") == "X" and e["pid"] in devices]
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("trace_dir")
+  parser.add_argument("--steps", type=int, default=3, help="steps the trace holds (default 3)")
+  parser.add_argument("--top", type=int, default=25)
+  args = parser.parse_args()
+
+  kernels = load(args.trace_dir)
+  per_kernel, calls = collections.Counter(), collections.Counter()
+  for e in kernels:
+    per_kernel[e["name"]] += e["dur"]
+    calls[e["name"]] += 1
+  by_kind = collections.Counter()
+  for name, us in per_kernel.items():
+    by_kind[kind_of(name)] += us
+  # Busy time per device stream: the union of kernel intervals (kernels on different streams overlap).
+  spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+  busy, end = 0.0, float("-inf")
+  for start, stop in spans:
+    if stop > end:
+      busy += stop - max(start, end)
+      end = stop
+  wall = spans[-1][1] - spans[0][0]
+  ms = lambda us: us / 1000 / args.steps  # noqa: E731
+  print(f"per step: wall {ms(wall):.1f} ms, device busy {ms(busy):.1f} ms, idle {ms(wall - busy):.1f} ms")
+  for kind, us in by_kind.most_common():
+    print(f"  {kind:<14} {ms(us):8.1f} ms")
+  print(f"top {args.top} kernels (ms per step, calls per step):")
+  for name, us in per_kernel.most_common(args.top):
+    print(f"  {ms(us):8.2f} {calls[name] // args.steps:5d}  {name[:100]}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
