@@ -15,4 +15,4 @@ $B precision.fp8=delayed model.scan_layers=false 2>&1 | tail -1
 timeout 120 python3 benchmarks/hlo_report.py configs/bench-1.7b.yaml model.remat=dots_attention_saveable \
   model.scan_layers=false --out $OUT/unrolled --trace 2>&1 | grep -v "^W\|Warning" | tail -5
 python3 benchmarks/trace_summary.py $OUT/unrolled --top 30
-rm -rf $OUT/unrolled/trace
+find $OUT/unrolled -name "*.xplane.pb" -delete
