@@ -207,23 +207,25 @@ def _scaled_einsum(equation: str, a: jax.Array, b: jax.Array, scale: jax.Array, 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fp8_einsum(equation: str, x: jax.Array, w: jax.Array, history: jax.Array | None,
-                seen: jax.Array | None) -> jax.Array:
-  return _fp8_einsum_fwd(equation, x, w, history, seen)[0]
+                seen: jax.Array | None, input_history: jax.Array | None) -> jax.Array:
+  return _fp8_einsum_fwd(equation, x, w, history, seen, input_history)[0]
 
 
-def _fp8_einsum_fwd(equation, x, w, history, seen):
+def _fp8_einsum_fwd(equation, x, w, history, seen, input_history):
   amax_x, amax_w = amax(x), amax(w)
   if history is None:
     s_x, s_w, s_g = scale_for(amax_x, FORWARD_FP8), scale_for(amax_w, FORWARD_FP8), None
   else:
     s_x, s_w, s_g = history_scales(history)
+    if input_history is not None:
+      s_x = scale_for(jnp.max(input_history), FORWARD_FP8)
   q_x, q_w = quantize(x, s_x, FORWARD_FP8), quantize(w, s_w, FORWARD_FP8)
   y = _scaled_einsum(equation, q_x, q_w, s_x * s_w, x.dtype)
-  return y, (q_x, q_w, s_x, s_w, s_g, amax_x, amax_w, history)
+  return y, (q_x, q_w, s_x, s_w, s_g, amax_x, amax_w, history, input_history)
 
 
 def _fp8_einsum_bwd(equation, residuals, g):
-  q_x, q_w, s_x, s_w, s_g, amax_x, amax_w, history = residuals
+  q_x, q_w, s_x, s_w, s_g, amax_x, amax_w, history, input_history = residuals
   lhs, rhs, out = split_equation(equation)
   amax_g = amax(g)
   if s_g is None:
@@ -232,31 +234,39 @@ def _fp8_einsum_bwd(equation, residuals, g):
   dx = _scaled_einsum(f"{out},{rhs}->{lhs}", q_g, q_w, s_g * s_w, g.dtype)
   dw = _scaled_einsum(f"{lhs},{out}->{rhs}", q_x, q_g, s_x * s_g, g.dtype)
   if history is None:
-    return dx, dw, None, None
+    return dx, dw, None, None, None
   # The scales are piecewise constant in the history: its true gradient is zero. The seen
   # port's "gradient" is what this use observed, unless its output did not matter (g == 0).
   seen = scale_one_hot(jnp.stack([amax_x, amax_w, amax_g])) * (amax_g > 0)
-  return dx, dw, jnp.zeros_like(history), seen
+  d_input_history = None if input_history is None else jnp.zeros_like(input_history)
+  return dx, dw, jnp.zeros_like(history), seen, d_input_history
 
 
 _fp8_einsum.defvjp(_fp8_einsum_fwd, _fp8_einsum_bwd)
 
 
 def fp8_einsum(equation: str, x: jax.Array, w: jax.Array, history: jax.Array | None = None,
-               seen: jax.Array | None = None) -> jax.Array:
+               seen: jax.Array | None = None, input_history: jax.Array | None = None) -> jax.Array:
   """einsum(equation, x, w) with both operands in e4m3 and the output gradient in e5m2.
 
   Current scaling without `history`; delayed scaling from the [3, length] amax history with
   it, and then the gradient with respect to `seen` ([3, SCALE_BINS], zeros) records this
   use's amaxes (see update_histories). x and w must share a dtype, which is the output's (the
   GEMM accumulates in float32 regardless).
+
+  `input_history` ([length], delayed only) replaces the history's input row for the scale of
+  x. Projections that read the same x (q, k and v; gate and up) pass the same row, so the
+  quantised x is one expression that XLA computes, keeps and transposes once instead of once
+  per projection. Their own input rows hold the same amaxes anyway (they see the same x).
   """
   split_equation(equation)
   if x.dtype != w.dtype:
     raise ValueError(f"fp8 einsum '{equation}': operand dtypes differ ({x.dtype}, {w.dtype})")
   if (history is None) != (seen is None):
     raise ValueError(f"fp8 einsum '{equation}': delayed scaling needs both history and seen")
-  return _fp8_einsum(equation, x, w, history, seen)
+  if input_history is not None and history is None:
+    raise ValueError(f"fp8 einsum '{equation}': input_history is for delayed scaling only")
+  return _fp8_einsum(equation, x, w, history, seen, input_history)
 
 
 # ---------------------------------------------------------------------------------------

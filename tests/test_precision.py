@@ -80,6 +80,17 @@ def test_every_decoder_matmul_and_nothing_else_runs_in_fp8(fp8):
   assert counts[(bf, bf)] == baseline[(bf, bf)] - 3 * DECODER_MATMULS, (baseline, counts)
   assert sum(counts.values()) == sum(baseline.values())
 
+def test_projections_of_one_input_share_its_quantisation():
+  """q, k, v (and gate, up) read the same normed x: with delayed scaling they take its scale
+  from one history row, so XLA quantises x once per use, exactly as often as current scaling
+  (whose scale is x's own amax); separate rows would quantise it 5 times per layer, not 2."""
+  def activation_quantisations(fp8):
+    compiled, _ = make_trainer({"precision.compute": "bfloat16", "precision.fp8": fp8}).compile_step()
+    return compiled.as_text().count("= f8e4m3fn[16,32,64]")  # [batch, length, d_model]
+  current, delayed = activation_quantisations("current"), activation_quantisations("delayed")
+  assert delayed == current > 0, (delayed, current)
+
+
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (XLA's cuBLASLt fp8 rewrite)")
 def test_compiled_step_has_fp8_gemms_on_gpu():

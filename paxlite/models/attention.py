@@ -63,9 +63,12 @@ class Attention(nnx.Module):
     (keys, values) [b, s, kv_heads, head_dim], the new keys and values are first written at
     `positions_bt`, then each query at position p attends to cache slots 0..p.
     """
-    q = constrain(rotary(self.q(x_btd), positions_bt, self.rope_theta), ("batch", "length", "act_heads", "head_dim"))
-    k = constrain(rotary(self.k(x_btd), positions_bt, self.rope_theta), ("batch", "length", "act_kv_heads", "head_dim"))
-    v = constrain(self.v(x_btd), ("batch", "length", "act_kv_heads", "head_dim"))
+    x_history = self.q.input_history()  # one fp8 quantisation of x for q, k and v
+    q = self.q(x_btd, x_history)
+    q = constrain(rotary(q, positions_bt, self.rope_theta), ("batch", "length", "act_heads", "head_dim"))
+    k = self.k(x_btd, x_history)
+    k = constrain(rotary(k, positions_bt, self.rope_theta), ("batch", "length", "act_kv_heads", "head_dim"))
+    v = constrain(self.v(x_btd, x_history), ("batch", "length", "act_kv_heads", "head_dim"))
     if kv_cache is None:
       # Softmax runs in float32 inside the fused kernel (cuDNN) or XLA's lowering.
       implementation = attention_implementation(self.attention, q.dtype)

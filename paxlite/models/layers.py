@@ -53,12 +53,19 @@ class Einsum(nnx.Module):
       if fp8.mode == "delayed":
         self.fp8_history, self.fp8_seen = new_fp8_state(fp8.history)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def input_history(self) -> jax.Array | None:
+    """The amax history row of this projection's input (delayed fp8), else None: passed to
+    the projections that read the same input, so that all quantise it with one scale."""
+    if self.fp8 is None or self.fp8.mode != "delayed":
+      return None
+    return self.fp8_history[...][0]
+
+  def __call__(self, x: jax.Array, input_history: jax.Array | None = None) -> jax.Array:
     x, kernel = x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype)
     if self.fp8 is None:
       return jnp.einsum(self.equation, x, kernel)
     if self.fp8.mode == "delayed":
-      return fp8_einsum(self.equation, x, kernel, self.fp8_history[...], self.fp8_seen[...])
+      return fp8_einsum(self.equation, x, kernel, self.fp8_history[...], self.fp8_seen[...], input_history)
     return fp8_einsum(self.equation, x, kernel)
 
 

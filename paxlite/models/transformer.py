@@ -57,7 +57,8 @@ class MLP(nnx.Module):
     self.down = Einsum("btf,fd->btd", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), init=init_out, **common)
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
-    h_btf = jax.nn.silu(self.gate(x_btd)) * self.up(x_btd)
+    x_history = self.gate.input_history()  # one fp8 quantisation of x for gate and up
+    h_btf = jax.nn.silu(self.gate(x_btd, x_history)) * self.up(x_btd, x_history)
     return self.down(constrain(h_btf, ("batch", "length", "act_mlp")))
 
 
