@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -96,10 +97,7 @@ class Row:
 
   @property
   def devices(self) -> int:
-    out = 1
-    for size in self.mesh.values():
-      out *= size
-    return out
+    return math.prod(self.mesh.values())
 
   @property
   def batch(self) -> int:
@@ -127,7 +125,8 @@ class Row:
 
 def rows(n: int) -> list[Row]:
   """The table for N devices, in the order it is measured: data and fsdp first (the scaling
-  targets), then the 3-D row, the 13B (which cannot run on fewer GPUs), the pipelines last."""
+  targets), the 3-D row, the 13B, and the pipelines (slowest, and measured on 2 GPUs before) last,
+  where a spent --budget-s cuts first."""
   if n not in MESHES_1_7B:
     raise SystemExit(f"scaleout: --devices must be one of {sorted(MESHES_1_7B)}, got {n}")
   small = [Row(BENCH_1_7B, mesh, 8, pipe) for mesh, pipe in MESHES_1_7B[n]]
