@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from paxlite import xla_flags
 from paxlite.config import ConfigError, load_config
 
 # Exit statuses: 0 done (or stopped by SIGTERM with a checkpoint saved), 1 the environment
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides += extra
   elif extra:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  xla_flags.apply_defaults()  # before any command initialises jax's backend
   try:
     if args.command == "train":
       return _train(args)

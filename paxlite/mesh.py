@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from paxlite import xla_flags
 from paxlite.config import DCN_AXES, MESH_AXES, Config, ConfigError, DistributedConfig, MeshConfig
 
 
@@ -127,6 +128,8 @@ def make_mesh(cfg: Config | MeshConfig, devices: Sequence[jax.Device] | None = N
   rest; jax.make_mesh would default to Explicit axes, which this design does not use.
   """
   mesh_cfg = cfg.mesh if isinstance(cfg, Config) else cfg
+  if devices is None:
+    xla_flags.apply_defaults()  # before jax.devices() may initialise the backend
   devices = list(jax.devices() if devices is None else devices)
   return Mesh(device_array(mesh_cfg, devices), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 

@@ -118,3 +118,17 @@ def test_readme_documents_every_key(repo_root):
   for key, _, doc in describe_keys():
     assert f"| `{key}` |" in readme, f"README lacks config key {key}: run `paxlite keys --markdown`"
     assert doc, f"config key {key} has no docstring"
+
+
+def test_default_xla_flags_are_added_but_never_override_the_user():
+  from paxlite import xla_flags
+  name = "--xla_gpu_all_reduce_combine_threshold_bytes"
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  assert xla_flags.apply_defaults(env) == [f"{name}={xla_flags.DEFAULTS[name]}"]
+  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", f"{name}=134217728"]
+  assert xla_flags.apply_defaults(env) == []  # idempotent
+  mine = {"XLA_FLAGS": f"{name}=1024"}
+  assert xla_flags.apply_defaults(mine) == [] and mine["XLA_FLAGS"] == f"{name}=1024"
+  empty: dict = {}
+  xla_flags.apply_defaults(empty)
+  assert empty["XLA_FLAGS"] == f"{name}=134217728"
