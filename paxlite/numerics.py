@@ -179,7 +179,12 @@ class Fp8Seen(nnx.Variable):
 
 
 def new_fp8_state(length: int) -> tuple[Fp8History, Fp8Seen]:
-  # Zeros mean "no amax seen": the first step uses scale 1 (see scale_for).
+  # Zeros mean "no amax seen": the first step uses scale 1 (see scale_for), as Transformer
+  # Engine and Flax's fp8_ops do. That flushes most of the first step's small e5m2 output
+  # gradients to zero (56-99% in some projections of configs/tiny.yaml), at the warm-up's
+  # smallest rate. Falling back to each tensor's own amax while its history is empty would make
+  # every step's quantisation wait for an amax pass (the read delayed scaling saves); in runs
+  # of 7 learning rates each, it moved the final loss by 0.3% either way, within their spread.
   return (Fp8History(jnp.zeros((3, length), jnp.float32), out_sharding=(None, None)),
           Fp8Seen(jnp.zeros((3, SCALE_BINS), jnp.float32), out_sharding=(None, None)))
 

@@ -270,17 +270,29 @@ PRECISIONS = {
     "fp8-current": {"precision.compute": "bfloat16", "precision.fp8": "current"},
     "fp8-delayed": {"precision.compute": "bfloat16", "precision.fp8": "delayed"},
 }
-CONVERGENCE = {"train.steps": 300, "model.seq_len": 32, "mesh.data": 1, "train.log_every": 1, "eval.every": 0,
-               "checkpoint.every": 0, "run.tensorboard": False}
+TINY_SEQ = 32  # a quarter of configs/tiny.yaml's sequence (and tokens per step), for time
 
 
 @pytest.fixture(scope="module")
 def tiny_runs(repo_root, data_cache, tmp_path_factory):
-  """The mean training loss of the last 30 steps (the same batches in every run) per precision."""
+  """The mean training loss of the last 30 of 300 steps (the same batches in every run) per
+  precision, on configs/tiny.yaml with a quarter of its tokens per step.
+
+  The learning rate follows the square-root scaling rule for Adam (Malladi et al., 2022):
+  tiny.yaml's rate times sqrt(1/4). At the full rate with a quarter of the batch, training is
+  chaotic: a 0.1-0.3% change of the rate moved float32's own result by up to 1.8% (std 1.2%
+  over 7 rates), each precision's gap to float32 spread over 2-6 points (fp8-current -4.2% to
+  +1.8%) around a mean within 1%, and one fp8-delayed run ended 2.4% below float32 by chance.
+  At the scaled rate float32 ends lower (1.95 nats against 2.09), the same perturbations move
+  it by 0.2% (std), and every precision stayed within -0.5% and +0.8% of float32 over 7 rates.
+  """
+  path = os.path.join(repo_root, "configs", "tiny.yaml")
+  tiny = load_config(path)
+  common = {"train.steps": 300, "model.seq_len": TINY_SEQ, "train.lr": tiny.train.lr * (TINY_SEQ / tiny.model.seq_len) ** 0.5,
+            "mesh.data": 1, "train.log_every": 1, "eval.every": 0, "checkpoint.every": 0, "run.tensorboard": False}
   out = {}
   for name, overrides in {"float32": {}, **PRECISIONS}.items():
-    cfg = load_config(os.path.join(repo_root, "configs", "tiny.yaml"),
-                      {**CONVERGENCE, **overrides, "run.dir": str(tmp_path_factory.mktemp(name))})
+    cfg = load_config(path, {**common, **overrides, "run.dir": str(tmp_path_factory.mktemp(name))})
     history = Trainer(cfg, mesh=make_mesh(cfg.mesh, jax.devices()[:1])).train()
     losses = np.array([r["loss"] for r in history])
     assert len(losses) == 300 and np.isfinite(losses).all(), name
@@ -290,9 +302,5 @@ def tiny_runs(repo_root, data_cache, tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(PRECISIONS))
 def test_low_precision_ends_within_2_percent_of_float32(tiny_runs, name):
-  """No worse than float32 by more than 2%. Lower is allowed: fp8 delayed has ended about 2%
-  *below* float32 in every such run (150-300 steps, seq 32 and 64); more than 5% below would be
-  a sign of something other than rounding."""
-  assert tiny_runs["float32"] < 2.3  # it learned: from 5.6 nats
-  ratio = tiny_runs[name] / tiny_runs["float32"]
-  assert 0.95 < ratio < 1.02, tiny_runs
+  assert tiny_runs["float32"] < 2.1  # it learned: from 5.6 nats
+  assert abs(tiny_runs[name] / tiny_runs["float32"] - 1) <= 0.02, tiny_runs
