@@ -115,7 +115,7 @@ class Row:
     mesh = {"data": 1, "fsdp": 1, "stage": 1, "tensor": 1, **self.mesh}
     out = [f"mesh.{a}={s}" for a, s in mesh.items()] + [f"train.batch_size={self.batch}"]
     if self.config == BENCH_1_7B:
-      out.append("model.remat=dots_attention_saveable")  # bench-13b.yaml has it already
+      out.append("model.remat=dots_attention_saveable")  # explicit: round 9 ran before it was the default
     return out + list(self.pipeline)
 
   def command(self, extra: tuple[str, ...] = ()) -> str:
