@@ -14,12 +14,14 @@ Step time = compute + critical communication + max(0, overlappable communication
              +1/3 of the layer FLOPs, dots_saveable +1/3 of the attention FLOPs, pipelines +1/3:
              each iteration is rematerialised).
   critical = tensor-parallel all-reduces (7 per layer pass as XLA partitions paxlite's block,
-             +1 recomputed under remat full, +2 for the embedding and head) and pipeline
+             +1 recomputed under remat full, +2 for the embedding and head), pipeline
              permutes (the stage's activations: forward, backward and recomputation, every
-             iteration), at the axis's bandwidth.
-  overlappable = gradient all-reduce over data, weight all-gathers (forward and backward) and
-             gradient reduce-scatter over fsdp, once per accumulation micro-batch; XLA's
-             latency-hiding scheduler runs them beside the matmuls.
+             iteration), and the gradient reduction: the all-reduce over data and the
+             reduce-scatter over fsdp. Measured on H200s, that reduction is not hidden: data=2
+             and data=4 added 21 and 26 ms to the 1.7B step (ring estimate 16 and 24 ms), with
+             layers scanned or unrolled alike (benchmarks/RESULTS.md, rounds 8-10).
+  overlappable = the fsdp weight all-gathers (forward and backward), once per accumulation
+             micro-batch; XLA's latency-hiding scheduler runs them beside the matmuls.
 Ring algorithms: all-reduce moves 2 (g-1)/g of the buffer per device, all-gather and
 reduce-scatter (g-1)/g of the full buffer. An axis whose device groups leave a fast-interconnect
 domain (a GPU host's NVLink, a TPU slice: `Hardware.ici_domain`) runs at the DCN bandwidth, any
@@ -265,8 +267,10 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
   if schedule is not None:
     comm["stage"] = 3 * t.grad_accum * iterations * micro_rows * seq * (d * c + 4)
     comm["stage"] += 2 * (schedule.repeats - 1) / schedule.repeats * params  # circular regrouping
-  critical = comm["tensor"] / bw["tensor"] + comm["stage"] / bw["stage"]
-  overlappable = comm["data"] / bw["data"] + comm["fsdp"] / bw["fsdp"]
+  gathers = t.grad_accum * 2 * _ring("all-gather", fsdp, gathered)
+  critical = (comm["tensor"] / bw["tensor"] + comm["stage"] / bw["stage"] + comm["data"] / bw["data"]
+              + (comm["fsdp"] - gathers) / bw["fsdp"])
+  overlappable = gathers / bw["fsdp"]
   return Estimate(
       params=params, opt_state=opt, gradients=params, batch=batch, activations=saved + transient + logits,
       model_flops=model_flops, flops=flops, comm_bytes=comm, compute_s=flops / (hw.peak_flops * hw.efficiency),
