@@ -131,6 +131,21 @@ def test_cost_model_collectives_agree_with_the_hlo(compiled_run):
   assert gathered == pytest.approx(sum(c.wire_bytes for c in gathers), rel=0.10)
 
 
+def test_gradient_reduction_is_critical_and_weight_gathers_overlap(tmp_path):
+  """As measured on H200s (benchmarks/RESULTS.md, round 9): the data all-reduce and the fsdp
+  reduce-scatter of the gradients add to the step; only the fsdp weight gathers hide."""
+  cfg = small(tmp_path)
+  hw = default_hardware("gpu", 8)
+  data = estimate(cfg, {"data": 8, "fsdp": 1, "stage": 1, "tensor": 1}, hw)
+  assert data.critical_s == pytest.approx(data.comm_bytes["data"] / hw.ici_bandwidth) and data.overlappable_s == 0
+  fsdp = estimate(cfg, {"data": 1, "fsdp": 8, "stage": 1, "tensor": 1}, hw)
+  assert fsdp.critical_s == pytest.approx(fsdp.comm_bytes["fsdp"] / 3 / hw.ici_bandwidth)
+  assert fsdp.overlappable_s == pytest.approx(2 * fsdp.critical_s)
+  assert data.step_s == pytest.approx(data.compute_s + data.critical_s)
+  # Gathers longer than this tiny model's compute show through: step = compute + critical + rest.
+  assert fsdp.step_s == pytest.approx(fsdp.critical_s + fsdp.overlappable_s)
+
+
 def test_plan_for_more_devices_than_present_runs_in_a_subprocess(tmp_path):
   from paxlite.shardings import explain_sharding
 
