@@ -52,7 +52,6 @@ import dataclasses
 import json
 import math
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -61,6 +60,7 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from paxlite import xla_flags  # noqa: E402
 from paxlite.bench import run_in_subprocesses  # noqa: E402
 from paxlite.config import load_config  # noqa: E402
 from plan_vs_measured import plan  # noqa: E402  (this directory is on sys.path when run as a script)
@@ -297,9 +297,7 @@ def main() -> int:
   os.makedirs(args.out, exist_ok=True)
   out_path = os.path.join(args.out, f"scaleout-{n}{'-cpu' if args.mode == 'smoke' else ''}.jsonl")
   if args.mode == "smoke":  # every bench process lays its mesh over N simulated CPU devices
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    xla_flags.simulate_cpu_devices(n)
     results = measure(table, out_path, extra=TINY, steps=2, warmup=1)
     print(f"CPU smoke, {n} simulated devices, tiny model ({' '.join(TINY)}); not a speed figure")
     print(measured_table(results, {}, None))

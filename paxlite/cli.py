@@ -260,15 +260,12 @@ def _shardings(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
   import dataclasses
   import json
-  import os
 
   cfg = load_config(args.config, args.overrides)
   if args.devices < 1 or args.top < 1:
     raise ConfigError(f"--devices and --top: expected positive numbers, got {args.devices} and {args.top}")
   if "jax" not in sys.modules:  # compile on N simulated CPU devices: set up before jax is imported
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
-    os.environ["JAX_PLATFORMS"] = "cpu"  # on a GPU machine too: plans never touch the GPUs
+    xla_flags.simulate_cpu_devices(args.devices)  # on a GPU machine too: plans never touch the GPUs
   from paxlite import costmodel, plan
 
   hw = costmodel.default_hardware(args.platform, args.devices)

@@ -257,7 +257,9 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
   comm = {axis: 0.0 for axis in mesh_shape}
   comm["data"] = _ring("all-reduce", data, params)
   gathered = params * fsdp
-  comm["fsdp"] = t.grad_accum * (2 * _ring("all-gather", fsdp, gathered) + _ring("reduce-scatter", fsdp, gathered))
+  gathers = t.grad_accum * 2 * _ring("all-gather", fsdp, gathered)  # weights, forward and backward
+  scatters = t.grad_accum * _ring("reduce-scatter", fsdp, gathered)  # gradients
+  comm["fsdp"] = gathers + scatters
   # Per layer pass XLA all-reduces 2 activations forward (attention and MLP outputs) and 5
   # backward (the input gradient of each column-parallel projection, q k v gate up, separately),
   # and the attention output again when a full remat recomputes the layer (counted in the HLO).
@@ -267,9 +269,8 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
   if schedule is not None:
     comm["stage"] = 3 * t.grad_accum * iterations * micro_rows * seq * (d * c + 4)
     comm["stage"] += 2 * (schedule.repeats - 1) / schedule.repeats * params  # circular regrouping
-  gathers = t.grad_accum * 2 * _ring("all-gather", fsdp, gathered)
   critical = (comm["tensor"] / bw["tensor"] + comm["stage"] / bw["stage"] + comm["data"] / bw["data"]
-              + (comm["fsdp"] - gathers) / bw["fsdp"])
+              + scatters / bw["fsdp"])
   overlappable = gathers / bw["fsdp"]
   return Estimate(
       params=params, opt_state=opt, gradients=params, batch=batch, activations=saved + transient + logits,

@@ -28,3 +28,11 @@ def apply_defaults(environ: MutableMapping[str, str] = os.environ) -> list[str]:
   if added:
     environ["XLA_FLAGS"] = " ".join(current + added)
   return added
+
+
+def simulate_cpu_devices(count: int, environ: MutableMapping[str, str] = os.environ) -> None:
+  """Makes jax (not yet initialised) run on `count` simulated CPU devices, on a GPU machine too:
+  what `paxlite plan` and CPU smoke runs compile on. Replaces any device count already set."""
+  flags = [f for f in environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
+  environ["JAX_PLATFORMS"] = "cpu"

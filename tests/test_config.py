@@ -132,3 +132,11 @@ def test_default_xla_flags_are_added_but_never_override_the_user():
   empty: dict = {}
   xla_flags.apply_defaults(empty)
   assert empty["XLA_FLAGS"] == f"{name}=134217728"
+
+
+def test_simulated_cpu_devices_replace_any_device_count():
+  from paxlite import xla_flags
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/x"}
+  xla_flags.simulate_cpu_devices(64, env)
+  assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x", "--xla_force_host_platform_device_count=64"]
+  assert env["JAX_PLATFORMS"] == "cpu"
