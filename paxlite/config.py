@@ -104,7 +104,9 @@ class ModelConfig:
   remat: str = "none"
   """Rematerialisation of each decoder block: none (keep all activations) | full (recompute
   the block) | dots_saveable (keep matmul outputs) | dots_attention_saveable (also keep the
-  fused attention's forward)."""
+  fused attention's forward) | operands_saveable (also keep the matmuls' and attention's
+  inputs, fp8-quantised ones under fp8) | offload (recompute the block, its input kept in
+  host memory)."""
   attention: str = "auto"
   """Attention: auto (cudnn on GPU for 16-bit compute, else xla) | xla | cudnn (both through
   jax.nn.dot_product_attention) | blockwise (plain-JAX flash attention: cudnn's memory on any backend)."""
@@ -543,7 +545,7 @@ def validate(cfg: Config) -> None:
     raise ConfigError(f"model.num_kv_heads: {kv} must divide model.num_heads={m.num_heads}")
   if m.max_seq_len is not None and m.seq_len > m.max_seq_len:
     raise ConfigError(f"model.seq_len: {m.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-  _choice("model.remat", m.remat, ("none", "full", "dots_saveable", "dots_attention_saveable"))
+  _choice("model.remat", m.remat, ("none", "full", "dots_saveable", "dots_attention_saveable", "operands_saveable", "offload"))
   _choice("model.attention", m.attention, ("auto", "xla", "cudnn", "blockwise"))
 
   for axis in MESH_AXES:

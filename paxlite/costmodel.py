@@ -40,12 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from paxlite.config import MESH_AXES, Config, ConfigError, MeshConfig, ModelConfig, PrecisionConfig
 from paxlite.mesh import device_array
 from paxlite.metrics import count_params, flops_per_token, peak_flops_for
 from paxlite.models.build import no_eager_sharding, pipeline_schedule
-from paxlite.models.transformer import _REMAT_POLICIES, DecoderBlock
+from paxlite.models.transformer import _REMAT_POLICIES, LAYER_INPUT, DecoderBlock
 from paxlite.numerics import DtypePolicy
 from paxlite.shardings import ShardingTable, explain_sharding
 
@@ -71,6 +72,8 @@ class Hardware:
   """Bytes/s one device moves along a mesh axis spanning slices or hosts (InfiniBand, DCN)."""
   efficiency: float = 0.55
   """Fraction of peak FLOP/s a step's compute reaches (paxlite's best measured H200 MFU: 55%)."""
+  host_bandwidth: float = 50e9
+  """Bytes/s between one device and its host's memory, each way (PCIe 5.0 x16: 64 GB/s raw)."""
   ici_domain: int | None = None
   """Devices sharing the fast interconnect: a GPU host's NVLink domain (8 on HGX H100/H200), a
   TPU slice. None: all devices. Mesh axes whose device groups leave a domain run at DCN speed."""
@@ -114,7 +117,9 @@ class Estimate:
   """Bytes each device sends per step, per mesh axis (ring algorithms)."""
   compute_s: float
   critical_s: float
+  """Communication the step waits for: tensor and pipeline transfers, the gradient reduction."""
   overlappable_s: float
+  """Transfers that run beside the compute: fsdp weight gathers, offloaded activations."""
   bubble: float
 
   @property
@@ -150,8 +155,8 @@ def _block_residual_bytes(model: tuple, params_dtype: str, compute_dtype: str, r
                                                 compute_dtype=policy.compute_dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(block)
 
-  def apply(params, x_btd, positions_bt):
-    return nnx.merge(graphdef, params)(x_btd, positions_bt)
+  def apply(params, x_btd, positions_bt):  # as Transformer._run_blocks runs each block
+    return nnx.merge(graphdef, params)(checkpoint_name(x_btd, LAYER_INPUT), positions_bt)
 
   if remat != "none":
     apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[remat])
@@ -166,7 +171,8 @@ def _block_residual_bytes(model: tuple, params_dtype: str, compute_dtype: str, r
   outvars = closed.jaxpr.outvars
   residuals = outvars[len(outvars) - len(jax.tree.leaves(vjp_fn)):]
   params = set(closed.jaxpr.invars[:num_params])
-  kept = {v for v in residuals if hasattr(v, "aval") and not hasattr(v, "val") and v not in params}
+  kept = {v for v in residuals if hasattr(v, "aval") and not hasattr(v, "val") and v not in params
+          and str(getattr(v.aval, "memory_space", "")) != "MemorySpace.Host"}  # offloaded: not on the device
   return float(sum(math.prod(v.aval.shape) * _bytes(v.aval.dtype) for v in kept))
 
 
@@ -242,7 +248,7 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
     passes = t.grad_accum * iterations * micro_rows * seq * layers / (stages * schedule.repeats)
   attention = 12.0 * d * seq
   recompute = 0.0
-  if m.remat == "full":
+  if m.remat in ("full", "offload"):
     recompute += (6 * layer_params + attention) / 3
   elif m.remat == "dots_saveable":
     recompute += attention / 3
@@ -263,7 +269,7 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
   # Per layer pass XLA all-reduces 2 activations forward (attention and MLP outputs) and 5
   # backward (the input gradient of each column-parallel projection, q k v gate up, separately),
   # and the attention output again when a full remat recomputes the layer (counted in the HLO).
-  reductions = 7 + (1 if m.remat == "full" or schedule is not None else 0)
+  reductions = 7 + (1 if m.remat in ("full", "offload") or schedule is not None else 0)
   tensor_bytes = passes * d * c * reductions + tokens_dev * d * c * 2
   comm["tensor"] = _ring("all-reduce", tensor, tensor_bytes)
   if schedule is not None:
@@ -272,6 +278,8 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
   critical = (comm["tensor"] / bw["tensor"] + comm["stage"] / bw["stage"] + comm["data"] / bw["data"]
               + scatters / bw["fsdp"])
   overlappable = gathers / bw["fsdp"]
+  if m.remat == "offload":  # each block's input to the host in the forward pass, back in the backward
+    overlappable += 2 * passes * d * c / hw.host_bandwidth
   return Estimate(
       params=params, opt_state=opt, gradients=params, batch=batch, activations=saved + transient + logits,
       model_flops=model_flops, flops=flops, comm_bytes=comm, compute_s=flops / (hw.peak_flops * hw.efficiency),

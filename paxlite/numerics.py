@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from paxlite.config import PrecisionConfig
 
@@ -49,6 +50,9 @@ ROW_DTYPES = (FORWARD_FP8, FORWARD_FP8, BACKWARD_FP8)
 # Scale exponents k (scale 2^k) recorded by Fp8Seen: float32 normals, with room for fp8 max * 2^k.
 MIN_EXP, MAX_EXP = -126, 110
 SCALE_BINS = MAX_EXP - MIN_EXP + 1
+# checkpoint_name of what an fp8 matmul keeps for its backward pass (quantised operands, scales,
+# amaxes): remat policies that save it spare the backward pass re-quantising the operands.
+FP8_RESIDUALS = "fp8_residuals"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +230,8 @@ def _fp8_einsum_fwd(equation, x, w, history, seen, input_history):
       s_x = scale_for(jnp.max(input_history), FORWARD_FP8)
   q_x, q_w = quantize(x, s_x, FORWARD_FP8), quantize(w, s_w, FORWARD_FP8)
   y = _scaled_einsum(equation, q_x, q_w, s_x * s_w, x.dtype)
-  return y, (q_x, q_w, s_x, s_w, s_g, amax_x, amax_w, history, input_history)
+  residuals = (q_x, q_w, s_x, s_w, s_g, amax_x, amax_w)
+  return y, tuple(checkpoint_name(r, FP8_RESIDUALS) if r is not None else None for r in residuals) + (history, input_history)
 
 
 def _fp8_einsum_bwd(equation, residuals, g):

@@ -399,8 +399,9 @@ def format_plan(plan: Plan, cfg: Config) -> str:
   comm = ", ".join(f"{a} {_size(b)}" for a, b in est.comm_bytes.items() if b)
   lines += [
       "",
-      f"cost model: compute {est.compute_s:.3f} s + tensor/pipeline collectives {est.critical_s:.3f} s + data/fsdp "
-      f"collectives not hidden {max(0.0, est.overlappable_s - est.compute_s):.3f} s = step {est.step_s:.3f} s; "
+      f"cost model: compute {est.compute_s:.3f} s + collectives on the critical path {est.critical_s:.3f} s + "
+      f"fsdp gathers and host copies not hidden {max(0.0, est.overlappable_s - est.compute_s):.3f} s = step "
+      f"{est.step_s:.3f} s; "
       f"{tokens:,.0f} tokens/s; MFU {100 * mfu:.1f}%",
       f"  at {hw.peak_flops / 1e12:g} TFLOP/s x {hw.efficiency:g}, ICI {_size(hw.ici_bandwidth)}/s, DCN "
       f"{_size(hw.dcn_bandwidth)}/s; sent per device: {comm or 'nothing'}",

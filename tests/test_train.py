@@ -90,6 +90,26 @@ def test_unrolled_layers_match_scan(mesh_runs):
   np.testing.assert_allclose(loss, mesh_runs["1dev"][1], rtol=1e-5)
 
 
+def test_unrolled_layers_gradients_are_one_concatenation_per_stacked_array():
+  """Each stacked parameter's gradient is one concatenation of its layers' gradients, not a
+  sum of zero-padded per-layer arrays (what slicing each layer out would give); the
+  projections' kernel gradients are concatenated in compute dtype, float32 only afterwards."""
+  import re
+
+  import jax.numpy as jnp
+
+  trainer = make_trainer({"model.scan_layers": False, "precision.compute": "bfloat16"}, jax.devices()[:1])
+  batch = jax.ShapeDtypeStruct((16, 33), jnp.int32)
+  with trainer.activate():
+    jaxpr = str(jax.make_jaxpr(trainer._step_fn)(trainer.abstract_state(), batch))
+  assert " pad[" not in jaxpr
+  stacked = len(jax.tree.leaves(trainer.param_shapes["blocks"]))
+  assert jaxpr.count("split[axis=0 sizes=(1, 1)]") == stacked  # SMALL has 2 layers
+  assert jaxpr.count("concatenate[dimension=0]") >= stacked
+  kernels = 7  # q, k, v, o, gate, up, down
+  assert len(re.findall(r"bf16\[2,[0-9,]+\] = concatenate\[dimension=0\]", jaxpr)) == kernels
+
+
 def test_tied_embeddings_and_z_loss_train():
   trainer = make_trainer({"mesh.data": 8, "model.tie_embeddings": True, "train.z_loss": 1e-4})
   assert "head" not in trainer.param_shapes

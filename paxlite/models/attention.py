@@ -13,12 +13,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from paxlite.config import ModelConfig
 from paxlite.models.blockwise import blockwise_attention
 from paxlite.models.layers import Einsum, rotary, scaled_normal
 from paxlite.numerics import Fp8Recipe
 from paxlite.partitioning import constrain
+
+# checkpoint_name of the attention kernel's inputs (rotated queries and keys, values), which
+# the forward pass materialises anyway: a remat policy that keeps them spares the backward
+# pass re-running the rotary embedding.
+ATTENTION_INPUTS = "attention_inputs"
 
 KV = tuple[jax.Array, jax.Array]
 
@@ -72,6 +78,7 @@ class Attention(nnx.Module):
     if kv_cache is None:
       # Softmax runs in float32 inside the fused kernel (cuDNN) or XLA's lowering.
       implementation = attention_implementation(self.attention, q.dtype)
+      q, k, v = (checkpoint_name(a, ATTENTION_INPUTS) for a in (q, k, v))
       if implementation == "blockwise":
         out = blockwise_attention(q, k, v)
       else:

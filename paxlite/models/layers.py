@@ -13,11 +13,16 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from paxlite.numerics import Fp8Recipe, fp8_einsum, new_fp8_state, split_equation
 from paxlite.partitioning import constrain
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+# checkpoint_name of a projection's operands in compute dtype (the normed activations, the
+# SwiGLU product, the weights cast from param dtype): the forward pass materialises them for
+# the matmul anyway, so a remat policy can keep them at no extra memory traffic.
+MATMUL_INPUTS = "matmul_inputs"
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str], dtype) -> nnx.Param:
@@ -63,7 +68,7 @@ class Einsum(nnx.Module):
   def __call__(self, x: jax.Array, input_history: jax.Array | None = None) -> jax.Array:
     x, kernel = x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype)
     if self.fp8 is None:
-      return jnp.einsum(self.equation, x, kernel)
+      return jnp.einsum(self.equation, checkpoint_name(x, MATMUL_INPUTS), checkpoint_name(kernel, MATMUL_INPUTS))
     if self.fp8.mode == "delayed":
       return fp8_einsum(self.equation, x, kernel, self.fp8_history[...], self.fp8_seen[...], input_history)
     return fp8_einsum(self.equation, x, kernel)
