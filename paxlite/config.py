@@ -271,6 +271,11 @@ class RunConfig:
   """Write TensorBoard event files."""
   progress: str = "auto"
   """Progress display: auto (a bar on a terminal or in a notebook, plain lines otherwise) | bar | lines."""
+  compile_cache: str = "auto"
+  """Persistent cache of compiled steps, so a restarted or repeated run of the same shapes
+  loads its step instead of compiling it (an fp8 step compiles for minutes): auto (a directory
+  already set for jax, e.g. $JAX_COMPILATION_CACHE_DIR, else $PAXLITE_CACHE/jax or
+  ~/.cache/paxlite/jax) | none (paxlite sets none up) | a directory."""
 
 
 @dataclass

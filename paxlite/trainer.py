@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from paxlite import data as data_lib
 from paxlite.checkpoint import Checkpointer, CheckpointError, abstract_like
+from paxlite.compile_cache import count_cache_hits, use_compile_cache
 from paxlite.config import Config, ConfigError
 from paxlite.faults import LoopCounters, NonFiniteError, StopSignals, guard_update, is_finite
 from paxlite.mesh import describe, make_mesh
@@ -94,6 +95,8 @@ class Trainer:
 
   def __init__(self, cfg: Config, *, model_fn: ModelFn | None = None, mesh: Mesh | None = None):
     self.cfg = cfg
+    self.compile_cache_dir = use_compile_cache(cfg.run.compile_cache)  # before anything compiles
+    self.compile_cache_hits = 0  # of the last compile_step: 1 if its step came from the cache
     self.mesh = mesh if mesh is not None else make_mesh(cfg)
     self.rules = cfg.rules
     self.model_fn = model_fn or default_model_fn(cfg)
@@ -264,8 +267,9 @@ class Trainer:
     start = time.perf_counter()
     batch = jax.ShapeDtypeStruct((self.cfg.train.batch_size, self.cfg.model.seq_len + 1), jnp.int32,
                                  sharding=self.batch_sharding)
-    with self.activate():
+    with self.activate(), count_cache_hits() as hits:
       compiled = self._train_step.lower(self.abstract_state(), batch).compile()
+    self.compile_cache_hits = hits[0]
     return compiled, time.perf_counter() - start
 
   def _to_global(self, local_batch: np.ndarray) -> jax.Array:
@@ -557,7 +561,7 @@ class Trainer:
         f"{self.num_params / 1e6:.2f}M params",
         f"{self.flops_per_token / 1e6:.1f} MFLOP/token",
         f"batch {cfg.train.batch_size}x{cfg.model.seq_len}",
-        f"compile {compile_s:.1f}s",
+        f"compile {compile_s:.1f}s" + (" (from the compile cache)" if self.compile_cache_hits else ""),
     ]
     if self.pipeline is not None:
       p = self.pipeline
