@@ -20,14 +20,15 @@ from typing import Iterator
 import jax
 
 from paxlite.config import ConfigError
+from paxlite.data import cache_root
 
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 def default_directory() -> str:
-  """$PAXLITE_CACHE/jax, else ~/.cache/paxlite/jax (beside the tokenized corpora)."""
-  root = os.environ.get("PAXLITE_CACHE") or os.path.join("~", ".cache", "paxlite")
-  return os.path.abspath(os.path.expanduser(os.path.join(root, "jax")))
+  """jax/ under paxlite's cache root ($PAXLITE_CACHE, else ~/.cache/paxlite), beside the
+  tokenized corpora."""
+  return os.path.join(cache_root(), "jax")
 
 
 def use_compile_cache(setting: str) -> str | None:

@@ -10,18 +10,19 @@ one decoder block under the remat policy, traced abstractly at per-device shapes
 Step time = compute + critical communication + max(0, overlappable communication - compute):
   compute  = FLOPs per device / (peak FLOP/s x efficiency). FLOPs per device count every layer
              pass a device runs (pipeline bubble iterations included: all stages run every
-             iteration), the output head (not split over stages), and recomputation (remat full
-             +1/3 of the layer FLOPs, dots_saveable +1/3 of the attention FLOPs, pipelines +1/3:
+             iteration), the output head (not split over stages), and recomputation (remat full or
+             offload +1/3 of the layer FLOPs, dots_saveable +1/3 of the attention FLOPs, pipelines +1/3:
              each iteration is rematerialised).
   critical = tensor-parallel all-reduces (7 per layer pass as XLA partitions paxlite's block,
-             +1 recomputed under remat full, +2 for the embedding and head), pipeline
+             +1 recomputed under remat full or offload, +2 for the embedding and head), pipeline
              permutes (the stage's activations: forward, backward and recomputation, every
              iteration), and the gradient reduction: the all-reduce over data and the
              reduce-scatter over fsdp. Measured on H200s, that reduction is not hidden: data=2
              and data=4 added 21 and 26 ms to the 1.7B step (ring estimate 16 and 24 ms), with
              layers scanned or unrolled alike (benchmarks/RESULTS.md, rounds 8-10).
   overlappable = the fsdp weight all-gathers (forward and backward), once per accumulation
-             micro-batch; XLA's latency-hiding scheduler runs them beside the matmuls.
+             micro-batch; XLA's latency-hiding scheduler runs them beside the matmuls. Under
+             remat offload, also each block's input to host memory and back.
 Ring algorithms: all-reduce moves 2 (g-1)/g of the buffer per device, all-gather and
 reduce-scatter (g-1)/g of the full buffer. An axis whose device groups leave a fast-interconnect
 domain (a GPU host's NVLink, a TPU slice: `Hardware.ici_domain`) runs at the DCN bandwidth, any
@@ -129,6 +130,11 @@ class Estimate:
   @property
   def step_s(self) -> float:
     return self.compute_s + self.critical_s + max(0.0, self.overlappable_s - self.compute_s)
+
+
+# Remat policies that recompute the whole block in the backward pass (offload keeps its input
+# in host memory, full on the device).
+_RECOMPUTE_BLOCK = ("full", "offload")
 
 
 def _bytes(dtype: Any) -> int:
@@ -248,7 +254,7 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
     passes = t.grad_accum * iterations * micro_rows * seq * layers / (stages * schedule.repeats)
   attention = 12.0 * d * seq
   recompute = 0.0
-  if m.remat in ("full", "offload"):
+  if m.remat in _RECOMPUTE_BLOCK:
     recompute += (6 * layer_params + attention) / 3
   elif m.remat == "dots_saveable":
     recompute += attention / 3
@@ -269,7 +275,7 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
   # Per layer pass XLA all-reduces 2 activations forward (attention and MLP outputs) and 5
   # backward (the input gradient of each column-parallel projection, q k v gate up, separately),
   # and the attention output again when a full remat recomputes the layer (counted in the HLO).
-  reductions = 7 + (1 if m.remat in ("full", "offload") or schedule is not None else 0)
+  reductions = 7 + (1 if m.remat in _RECOMPUTE_BLOCK or schedule is not None else 0)
   tensor_bytes = passes * d * c * reductions + tokens_dev * d * c * 2
   comm["tensor"] = _ring("all-reduce", tensor, tensor_bytes)
   if schedule is not None:

@@ -259,10 +259,15 @@ class TokenCorpus:
   cache_path: str
 
 
+def cache_root() -> str:
+  """$PAXLITE_CACHE, else ~/.cache/paxlite: where paxlite keeps what it derives and reuses
+  (tokenized corpora here, compiled steps under jax/ by default)."""
+  return os.path.abspath(os.path.expanduser(os.environ.get("PAXLITE_CACHE") or os.path.join("~", ".cache", "paxlite")))
+
+
 def cache_dir(cfg: DataConfig) -> str:
-  """data.cache_dir, else $PAXLITE_CACHE, else ~/.cache/paxlite (created if missing)."""
-  path = cfg.cache_dir or os.environ.get("PAXLITE_CACHE") or os.path.join("~", ".cache", "paxlite")
-  path = os.path.abspath(os.path.expanduser(path))
+  """data.cache_dir, else cache_root() (created if missing)."""
+  path = os.path.abspath(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else cache_root()
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
