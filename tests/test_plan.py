@@ -146,6 +146,21 @@ def test_gradient_reduction_is_critical_and_weight_gathers_overlap(tmp_path):
   assert fsdp.step_s == pytest.approx(fsdp.critical_s + fsdp.overlappable_s)
 
 
+def test_offload_costs_full_recomputation_plus_hidden_host_copies(tmp_path):
+  """remat offload recomputes like full, keeps the block inputs off the device, and moves them
+  to the host and back beside the compute."""
+  hw = default_hardware("gpu", 8)
+  mesh = {"data": 8, "fsdp": 1, "stage": 1, "tensor": 1}
+  full = estimate(small(tmp_path, **{"model.remat": "full"}), mesh, hw)
+  cfg = small(tmp_path, **{"model.remat": "offload"})
+  offload = estimate(cfg, mesh, hw)
+  assert offload.flops == full.flops and offload.critical_s == full.critical_s
+  assert offload.activations < full.activations
+  m = cfg.model
+  block_inputs = cfg.train.batch_size // 8 * m.seq_len * m.num_layers * m.d_model * 4  # float32 compute
+  assert offload.overlappable_s == pytest.approx(full.overlappable_s + 2 * block_inputs / hw.host_bandwidth)
+
+
 def test_plan_for_more_devices_than_present_runs_in_a_subprocess(tmp_path):
   from paxlite.shardings import explain_sharding
 
