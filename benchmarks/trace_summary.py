@@ -1,6 +1,7 @@
 """Where a step's GPU time goes: reads a jax.profiler trace (the *.trace.json.gz that
-`hlo_report.py --trace` writes) and prints the kernel time per step by kind (GEMM, attention,
-copies, collectives, other fusions), the idle time, and the top kernels.
+`hlo_report.py --trace` writes) and prints, for each device, the kernel time per step by kind
+(GEMM, attention, copies, collectives, other fusions), the busy and idle time, and the top
+kernels of the first device.
 
   python benchmarks/trace_summary.py OUT/trace [--steps 3] [--top 25]
 
@@ -42,6 +43,18 @@ def load(trace_dir: str) -> list[dict]:
   return [e for e in events if e.get("ph") == "X" and e["pid"] in devices]
 
 
+def union_us(events: list[dict]) -> tuple[float, float, float]:
+  """(busy, first start, last end): busy is the union of the kernels' intervals, since kernels
+  on different streams overlap."""
+  spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events)
+  busy, end = 0.0, float("-inf")
+  for start, stop in spans:
+    if stop > end:
+      busy += stop - max(start, end)
+      end = stop
+  return busy, spans[0][0], max(stop for _, stop in spans)
+
+
 def main() -> int:
   parser = argparse.ArgumentParser()
   parser.add_argument("trace_dir")
@@ -50,26 +63,30 @@ def main() -> int:
   args = parser.parse_args()
 
   kernels = load(args.trace_dir)
-  per_kernel, calls = collections.Counter(), collections.Counter()
+  ms = lambda us: us / 1000 / args.steps  # noqa: E731
+  by_device = collections.defaultdict(list)
   for e in kernels:
+    by_device[e["pid"]].append(e)
+  # Per device: a collective running beside compute costs nothing unless compute waits for
+  # it; "compute busy" is the union of the non-collective kernels, "idle" what no kernel uses.
+  for pid, events in sorted(by_device.items()):
+    busy, first, last = union_us(events)
+    compute = [e for e in events if kind_of(e["name"]) != "collective"]
+    compute_busy = union_us(compute)[0] if compute else 0.0
+    print(f"device {pid}, per step: wall {ms(last - first):.1f} ms, busy {ms(busy):.1f} ms, "
+          f"compute busy {ms(compute_busy):.1f} ms, idle {ms(last - first - busy):.1f} ms")
+    by_kind = collections.Counter()
+    for e in events:
+      by_kind[kind_of(e["name"])] += e["dur"]
+    for kind, us in by_kind.most_common():
+      print(f"  {kind:<14} {ms(us):8.1f} ms")
+
+  per_kernel, calls = collections.Counter(), collections.Counter()
+  first_device = by_device[min(by_device)]
+  for e in first_device:
     per_kernel[e["name"]] += e["dur"]
     calls[e["name"]] += 1
-  by_kind = collections.Counter()
-  for name, us in per_kernel.items():
-    by_kind[kind_of(name)] += us
-  # Busy time per device stream: the union of kernel intervals (kernels on different streams overlap).
-  spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
-  busy, end = 0.0, float("-inf")
-  for start, stop in spans:
-    if stop > end:
-      busy += stop - max(start, end)
-      end = stop
-  wall = spans[-1][1] - spans[0][0]
-  ms = lambda us: us / 1000 / args.steps  # noqa: E731
-  print(f"per step: wall {ms(wall):.1f} ms, device busy {ms(busy):.1f} ms, idle {ms(wall - busy):.1f} ms")
-  for kind, us in by_kind.most_common():
-    print(f"  {kind:<14} {ms(us):8.1f} ms")
-  print(f"top {args.top} kernels (ms per step, calls per step):")
+  print(f"top {args.top} kernels of device {min(by_device)} (ms per step, calls per step):")
   for name, us in per_kernel.most_common(args.top):
     print(f"  {ms(us):8.2f} {calls[name] // args.steps:5d}  {name[:100]}")
   return 0

@@ -78,3 +78,16 @@ def test_operands_saveable_keeps_more_and_recomputes_no_quantisation():
 
   assert backward_e4m3_quantisations("dots_attention_saveable") > 0
   assert backward_e4m3_quantisations("operands_saveable") == 0
+
+
+def test_operands_saveable_keeps_the_norms_statistics():
+  """operands_saveable keeps what RMSNorm's backward reads (its input on the residual stream and
+  1/rms per token): the backward pass takes no square root, where dots_attention_saveable's
+  recomputes both norms' statistics in every block."""
+
+  def backward_rsqrts(remat):
+    compiled, _ = make_trainer({"model.remat": remat}, single_device=True).compile_step()
+    return sum(1 for line in compiled.as_text().splitlines() if " rsqrt(" in line and "transpose(jvp" in line)
+
+  assert backward_rsqrts("dots_attention_saveable") > 0
+  assert backward_rsqrts("operands_saveable") == 0

@@ -23,6 +23,10 @@ Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 # SwiGLU product, the weights cast from param dtype): the forward pass materialises them for
 # the matmul anyway, so a remat policy can keep them at no extra memory traffic.
 MATMUL_INPUTS = "matmul_inputs"
+# checkpoint_name of what RMSNorm's backward pass reads (its input and 1/rms per token): a
+# remat policy that keeps them spares the backward pass re-adding the residual stream and
+# re-reducing it for the statistics.
+NORM_RESIDUALS = "norm_residuals"
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str], dtype) -> nnx.Param:
@@ -104,7 +108,7 @@ def _rms_norm_fwd(x, scale, eps):
   # Only x (compute dtype) and one float32 scalar per token are kept for the backward pass;
   # plain autodiff would keep several float32 copies of x per norm (24 layers x 2 norms x
   # 4 bytes x batch x length x d_model: gigabytes of memory traffic per step at 1.7B).
-  return y, (x, inv_rms, scale)
+  return y, (checkpoint_name(x, NORM_RESIDUALS), checkpoint_name(inv_rms, NORM_RESIDUALS), scale)
 
 
 def _rms_norm_bwd(eps, residuals, dy):

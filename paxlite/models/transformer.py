@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from paxlite.config import ModelConfig
 from paxlite.models import blockwise
 from paxlite.models.attention import ATTENTION_INPUTS, KV, Attention, write_at
-from paxlite.models.layers import MATMUL_INPUTS, Einsum, Embed, RMSNorm, scaled_normal
+from paxlite.models.layers import MATMUL_INPUTS, NORM_RESIDUALS, Einsum, Embed, RMSNorm, scaled_normal
 from paxlite.numerics import FP8_RESIDUALS, DtypePolicy, Fp8Recipe
 from paxlite.partitioning import constrain, flat_variables, nest, variable_names
 from paxlite.pipeline import Schedule, pipeline_apply
@@ -39,15 +39,15 @@ def _save_dots_and_attention(prim, *args, **params) -> bool:
   return prim.name.startswith("dot_product_attention_fwd")
 
 
-_OPERAND_NAMES = (MATMUL_INPUTS, ATTENTION_INPUTS, FP8_RESIDUALS)
+_OPERAND_NAMES = (MATMUL_INPUTS, ATTENTION_INPUTS, FP8_RESIDUALS, NORM_RESIDUALS)
 
 
 def _save_dots_attention_and_operands(prim, *args, **params) -> bool:
   """dots_attention_saveable, and also the operands of every projection and of attention
   (normed activations, SwiGLU product, weights in compute dtype, rotated q/k and v; with fp8
-  the quantised operands and their scales): arrays the forward pass writes anyway, so keeping
-  them costs memory, not traffic, and the backward pass recomputes nothing but the residual
-  stream's adds."""
+  the quantised operands and their scales) and what the norms' backward reads (their inputs
+  on the residual stream, 1/rms per token): arrays the forward pass writes anyway, so keeping
+  them costs memory, not traffic, and the backward pass recomputes nothing."""
   if prim.name == "name" and params.get("name") in _OPERAND_NAMES:
     return True
   return _save_dots_and_attention(prim, *args, **params)
