@@ -4,9 +4,10 @@ TFLOP/s, when an 8192^3 bf16 product through PyTorch has been seen at ~790 on th
 
   PYTHONPATH=. XLA_FLAGS=... python benchmarks/gemm_shapes.py [--dtype bf16|fp8] [--label NAME]
 
-Each shape is timed over 50 products dispatched back to back (a sustained load, as in a train
-step, not one product after an idle GPU), after a warm-up; random operands; prints one line per
-shape: M x K x N, the layout, TFLOP/s.
+Each shape is timed over --reps products (default 50) dispatched back to back, after a
+warm-up; random operands; prints one line per shape: M x K x N, the layout, TFLOP/s. With
+--reps 2000 the load lasts over a second, as long as several train steps: whether the clock
+holds under sustained load (watch it with nvidia-smi) is what this tells apart.
 """
 
 import argparse
@@ -34,22 +35,23 @@ def operands(m, k, n, dtype, transposed_lhs):
   return a, b
 
 
-def time_products(f, a, b, reps=50):
+def time_products(f, a, b, reps):
   f(a, b).block_until_ready()
   f(a, b).block_until_ready()
   start = time.perf_counter()
-  outs = [f(a, b) for _ in range(reps)]
-  jax.block_until_ready(outs)
+  for _ in range(reps):  # one stream: the last product finishes last; earlier outputs are freed
+    out = f(a, b)
+  out.block_until_ready()
   return (time.perf_counter() - start) / reps
 
 
-def jax_tflops(m, k, n, dtype, transposed_lhs):
+def jax_tflops(m, k, n, dtype, transposed_lhs, reps=50):
   a, b = operands(m, k, n, dtype, transposed_lhs)
   if transposed_lhs:  # contraction over the leading (token) axis of both, as a weight gradient
     f = jax.jit(lambda x, y: jax.lax.dot_general(x, y, (((0,), (0,)), ((), ())), preferred_element_type=jnp.bfloat16))
   else:
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.bfloat16))
-  return 2 * m * k * n / time_products(f, a, b) / 1e12
+  return 2 * m * k * n / time_products(f, a, b, reps) / 1e12
 
 
 def torch_tflops(m, k, n, transposed_lhs):
@@ -72,14 +74,17 @@ def main():
   parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"])
   parser.add_argument("--label", default=os.environ.get("XLA_FLAGS", "default flags"))
   parser.add_argument("--torch", action="store_true", help="time the same shapes through PyTorch instead")
+  parser.add_argument("--reps", type=int, default=50, help="products per timing (2000: ~1.4 s of load)")
+  parser.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default all)")
   args = parser.parse_args()
   dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float8_e4m3fn
-  for m, k, n, what in SHAPES:
+  shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
+  for m, k, n, what in shapes:
     transposed = "weight grad" in what
     if args.torch:
       value, label = torch_tflops(m, k, n, transposed), "torch"
     else:
-      value, label = jax_tflops(m, k, n, dtype, transposed), args.label
+      value, label = jax_tflops(m, k, n, dtype, transposed, args.reps), args.label
     print(f"{label[:60]:<60} {args.dtype} {m:>6} x {k:>6} x {n:>6}  {what:<34} {value:6.0f} TFLOP/s", flush=True)
 
 

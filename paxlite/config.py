@@ -167,12 +167,18 @@ class PrecisionConfig:
   compute: str = "bfloat16"
   """Dtype of activations and matrix multiplies; norms, softmax and the loss stay float32."""
   fp8: str = "none"
-  """fp8 matmuls in the decoder blocks (attention q/k/v/o, MLP gate/up/down; embedding, head,
-  norms, softmax and loss stay in compute dtype or float32): none | current (each tensor
-  scaled by its own amax this step) | delayed (scaled by the max of an amax history). e4m3
-  forward, e5m2 gradients. Needs compute bfloat16 or float32."""
+  """fp8 matmuls in the decoder blocks (attention q/k/v/o, MLP gate/up/down; the embedding,
+  the head unless precision.fp8_head, norms, softmax and loss stay in compute dtype or
+  float32): none | current (each tensor scaled by its own amax this step) | delayed (scaled
+  by the max of an amax history). e4m3 forward, e5m2 gradients. Needs compute bfloat16 or
+  float32."""
   fp8_history: int = 1024
   """Amax history length per fp8 tensor for fp8: delayed (kept in the train state and checkpoints)."""
+  fp8_head: bool = False
+  """Also run the output head's matmul in fp8 (with precision.fp8's scaling; its logits
+  gradient in e5m2). Off by default: the logits are what the loss reads, and fp8 recipes
+  usually leave the head in higher precision. Needs precision.fp8 current or delayed and an
+  untied head."""
   loss_scale: str = "auto"
   """Dynamic loss scaling: auto (on when compute is float16) | dynamic | none."""
   loss_scale_init: float = 32768.0
@@ -592,6 +598,11 @@ def validate(cfg: Config) -> None:
     # loss scale moving under the e5m2 gradient scales would make delayed amax histories stale.
     raise ConfigError("precision.fp8: fp8 matmuls need precision.compute bfloat16 or float32, got float16")
   _positive("precision.fp8_history", cfg.precision.fp8_history)
+  if cfg.precision.fp8_head and cfg.precision.fp8 == "none":
+    raise ConfigError("precision.fp8_head: an fp8 output head needs precision.fp8 current or delayed, got none")
+  if cfg.precision.fp8_head and cfg.model.tie_embeddings:
+    raise ConfigError("precision.fp8_head: the output head is the embedding table (model.tie_embeddings: true); "
+                      "fp8 applies to an untied head only")
   _choice("precision.loss_scale", cfg.precision.loss_scale, ("auto", "dynamic", "none"))
   _positive("precision.loss_scale_init", cfg.precision.loss_scale_init)
   _positive("precision.loss_scale_period", cfg.precision.loss_scale_period)

@@ -69,11 +69,13 @@ class DtypePolicy:
   param_dtype: jnp.dtype
   compute_dtype: jnp.dtype
   fp8: Fp8Recipe | None = None
+  fp8_head: bool = False  # the output head's matmul in fp8 too (with `fp8`'s recipe)
 
   @classmethod
   def from_config(cls, precision: PrecisionConfig) -> "DtypePolicy":
     fp8 = None if precision.fp8 == "none" else Fp8Recipe(precision.fp8, precision.fp8_history)
-    return cls(param_dtype=_DTYPES[precision.params], compute_dtype=_DTYPES[precision.compute], fp8=fp8)
+    return cls(param_dtype=_DTYPES[precision.params], compute_dtype=_DTYPES[precision.compute], fp8=fp8,
+               fp8_head=precision.fp8_head and fp8 is not None)
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paxlite.config import load_config
+from paxlite.config import ConfigError, load_config
 from paxlite.mesh import make_mesh
 from paxlite.numerics import FORWARD_FP8, count_gemms, scale_for
 from paxlite.runs import load_run
@@ -79,6 +79,21 @@ def test_every_decoder_matmul_and_nothing_else_runs_in_fp8(fp8):
   # Everything else (output head, attention scores and values) stays bfloat16.
   assert counts[(bf, bf)] == baseline[(bf, bf)] - 3 * DECODER_MATMULS, (baseline, counts)
   assert sum(counts.values()) == sum(baseline.values())
+
+def test_fp8_head_puts_the_output_heads_three_matmuls_in_fp8():
+  trainer = make_trainer({"precision.compute": "bfloat16", "precision.fp8": "delayed", "precision.fp8_head": True})
+  batch = jax.ShapeDtypeStruct((16, 33), jnp.int32)
+  with trainer.activate():
+    counts = dot_operand_types(jax.make_jaxpr(trainer._step_fn)(trainer.abstract_state(), batch).jaxpr)
+  decoder_only = step_dots("delayed")
+  e4, e5, bf = "float8_e4m3fn", "float8_e5m2", "bfloat16"
+  assert counts[(e4, e4)] == counts[(e5, e4)] == counts[(e4, e5)] == DECODER_MATMULS + 1, counts
+  assert counts[(bf, bf)] == decoder_only[(bf, bf)] - 3
+  assert "head" in trainer.layout.fp8_shapes  # its own amax history, checkpointed with the rest
+  for bad, key in (({"precision.fp8": "none"}, "precision.fp8"), ({"model.tie_embeddings": True}, "tie_embeddings")):
+    with pytest.raises(ConfigError, match=key):
+      load_config(None, {**SMALL, "precision.fp8": "delayed", "precision.fp8_head": True, **bad})
+
 
 def test_projections_of_one_input_share_its_quantisation():
   """q, k, v (and gate, up) read the same normed x: with delayed scaling they take its scale
@@ -269,6 +284,7 @@ PRECISIONS = {
     "float16": {"precision.compute": "float16"},  # loss scaling on (auto)
     "fp8-current": {"precision.compute": "bfloat16", "precision.fp8": "current"},
     "fp8-delayed": {"precision.compute": "bfloat16", "precision.fp8": "delayed"},
+    "fp8-delayed-head": {"precision.compute": "bfloat16", "precision.fp8": "delayed", "precision.fp8_head": True},
 }
 TINY_SEQ = 32  # a quarter of configs/tiny.yaml's sequence (and tokens per step), for time
 
@@ -304,3 +320,4 @@ def tiny_runs(repo_root, data_cache, tmp_path_factory):
 def test_low_precision_ends_within_2_percent_of_float32(tiny_runs, name):
   assert tiny_runs["float32"] < 2.1  # it learned: from 5.6 nats
   assert abs(tiny_runs[name] / tiny_runs["float32"] - 1) <= 0.02, tiny_runs
+

@@ -133,12 +133,14 @@ class Transformer(nnx.Module):
     self.pipeline = pipeline
     common = dict(param_dtype=policy.param_dtype, compute_dtype=policy.compute_dtype)
     self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs, **common)
-    # fp8 in the decoder blocks only: the embedding and the output head stay in compute dtype.
+    # fp8 in the decoder blocks: the embedding stays in compute dtype, and so does the output
+    # head unless the policy says fp8_head.
     self.blocks = stacked(lambda r: DecoderBlock(cfg, rngs=r, fp8=policy.fp8, **common), cfg.num_layers, rngs)
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, **common)
     if not cfg.tie_embeddings:
       self.head = Einsum("btd,dv->btv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                         init=scaled_normal(cfg.init_std), rngs=rngs, **common)
+                         init=scaled_normal(cfg.init_std), rngs=rngs, fp8=policy.fp8 if policy.fp8_head else None,
+                         **common)
 
   def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
     if positions_bt is None:
