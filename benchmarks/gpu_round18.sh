@@ -6,7 +6,7 @@ set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 for flags in "" "--xla_gpu_enable_triton_gemm=false" "--xla_gpu_autotune_level=0" "--xla_gpu_enable_cublaslt=false"; do
-  XLA_FLAGS="$flags" timeout 60 python3 benchmarks/gemm_shapes.py --label "${flags:-default flags}" 2>&1 | grep TFLOP
+  XLA_FLAGS="$flags" timeout 60 python3 benchmarks/gemm_shapes.py --label="${flags:-default flags}" 2>&1 | grep TFLOP
 done
 timeout 60 python3 benchmarks/gemm_shapes.py --dtype fp8 2>&1 | grep TFLOP
 python3 -c "import torch" 2>/dev/null && timeout 60 python3 benchmarks/gemm_shapes.py --torch 2>&1 | grep TFLOP
