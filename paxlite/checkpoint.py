@@ -22,6 +22,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -44,9 +45,14 @@ class CheckpointError(RuntimeError):
 
 
 def _one_line(e: BaseException, limit: int = 400) -> str:
-  """The error as one line; when long, its head and its tail (where TensorStore puts the OS error)."""
+  """The error as one line; when long, its head and its tail (where TensorStore puts the OS
+  error), and the OS error's description (TensorStore's `os_error_code='27'`: File too large)
+  when the cut left it out."""
   text = " ".join(str(e).split()) or type(e).__name__
-  return text if len(text) <= limit else f"{text[:limit // 3]} ... {text[-2 * limit // 3:]}"
+  short = text if len(text) <= limit else f"{text[:limit // 3]} ... {text[-2 * limit // 3:]}"
+  codes = re.findall(r"os_error_code='?(\d+)", text)
+  reason = os.strerror(int(codes[-1])) if codes else None
+  return short if reason is None or reason in short else f"{short} [{reason}]"
 
 
 def _report(message: str) -> None:

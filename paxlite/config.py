@@ -110,6 +110,10 @@ class ModelConfig:
   attention: str = "auto"
   """Attention: auto (cudnn on GPU for 16-bit compute, else xla) | xla | cudnn (both through
   jax.nn.dot_product_attention) | blockwise (plain-JAX flash attention: cudnn's memory on any backend)."""
+  norm_kernel: str = "auto"
+  """RMSNorms with the residual adds before them: auto (pallas on GPU, else xla) | xla (XLA's
+  fusions: two or three passes over the activations per norm) | pallas (fused Pallas kernels,
+  one pass each way; GPU only; where the shapes do not fit them, and under pipelines, xla)."""
 
 
 @dataclass
@@ -558,6 +562,7 @@ def validate(cfg: Config) -> None:
     raise ConfigError(f"model.seq_len: {m.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   _choice("model.remat", m.remat, ("none", "full", "dots_saveable", "dots_attention_saveable", "operands_saveable", "offload"))
   _choice("model.attention", m.attention, ("auto", "xla", "cudnn", "blockwise"))
+  _choice("model.norm_kernel", m.norm_kernel, ("auto", "xla", "pallas"))
 
   for axis in MESH_AXES:
     size = getattr(cfg.mesh, axis)

@@ -215,3 +215,13 @@ def test_cli_reports_a_failed_write_in_one_line_and_exits_1(tmp_path, repo_root)
   assert last.startswith(f"paxlite: error: checkpoint step 2 could not be written to '{tmp_path / 'checkpoints'}'")
   assert "File too large" in last and last.endswith("no earlier checkpoint exists")
   assert [line for line in proc.stderr.splitlines() if not line.startswith(("step ", "paxlite: "))] == []
+
+
+def test_one_line_keeps_the_os_error_that_a_long_message_cut():
+  """TensorStore's message can put the OS error's text in the middle of a long spec; the cut
+  line still names it (the CLI test above saw both cases, depending on the path's length)."""
+  from paxlite.checkpoint import _one_line
+  long = RuntimeError("Error writing " + "s" * 200 + " File too large " + "x" * 600 + " [os_error_code='27']")
+  line = _one_line(long)
+  assert len(line) < 460 and line.endswith("[File too large]")
+  assert _one_line(RuntimeError("short: File too large [os_error_code='27']")) == "short: File too large [os_error_code='27']"

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from paxlite.models import norm_kernels
 from paxlite.numerics import Fp8Recipe, fp8_einsum, new_fp8_state, split_equation
 from paxlite.partitioning import constrain
 
@@ -98,13 +99,11 @@ class Embed(nnx.Module):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   """x / rms(x) * scale, statistics in float32, output in x's dtype."""
-  return _rms_norm_fwd(x, scale, eps)[0]
+  return norm_kernels.add_rms_norm_fwd_xla(x, None, scale, eps)[1]
 
 
 def _rms_norm_fwd(x, scale, eps):
-  x32 = x.astype(jnp.float32)
-  inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-  y = (x32 * inv_rms * scale.astype(jnp.float32)).astype(x.dtype)
+  _, y, inv_rms = norm_kernels.add_rms_norm_fwd_xla(x, None, scale, eps)
   # Only x (compute dtype) and one float32 scalar per token are kept for the backward pass;
   # plain autodiff would keep several float32 copies of x per norm (24 layers x 2 norms x
   # 4 bytes x batch x length x d_model: gigabytes of memory traffic per step at 1.7B).
@@ -113,27 +112,78 @@ def _rms_norm_fwd(x, scale, eps):
 
 def _rms_norm_bwd(eps, residuals, dy):
   x, inv_rms, scale = residuals
-  x_hat = x.astype(jnp.float32) * inv_rms
-  dy32 = dy.astype(jnp.float32)
-  d_scale = jnp.sum(dy32 * x_hat, axis=tuple(range(x.ndim - 1))).astype(scale.dtype)
-  d_xhat = dy32 * scale.astype(jnp.float32)
-  dx = inv_rms * (d_xhat - x_hat * jnp.mean(d_xhat * x_hat, axis=-1, keepdims=True))
-  return dx.astype(x.dtype), d_scale
+  dx, d_scale = norm_kernels.rms_norm_bwd_xla(dy, x, inv_rms, scale, None)
+  return dx, d_scale.astype(scale.dtype)
 
 
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
-class RMSNorm(nnx.Module):
-  """Root-mean-square norm (float32 statistics), learned scale initialised to 1."""
+def add_rms_norm(residual: jax.Array, delta: jax.Array | None, scale: jax.Array, eps: float,
+                 kernel: str = "xla") -> tuple[jax.Array, jax.Array]:
+  """(x, rms_norm(x, scale)) for the residual stream x = residual + delta (delta None: x is
+  residual): the add, the norm and, in the backward pass, the stream's gradient plus the
+  norm's, each in one pass (paxlite.models.norm_kernels; `kernel` "pallas" or "xla")."""
+  if delta is None:
+    return _norm_on_stream(residual, scale, eps, kernel)
+  return _add_norm_on_stream(residual, delta, scale, eps, kernel)
 
-  def __init__(self, dim: int, *, eps: float, param_dtype, compute_dtype, rngs: nnx.Rngs):
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _norm_on_stream(x, scale, eps, kernel):
+  return _norm_on_stream_fwd(x, scale, eps, kernel)[0]
+
+
+def _norm_on_stream_fwd(x, scale, eps, kernel):
+  x, y, inv_rms = norm_kernels.add_rms_norm_fwd(x, None, scale, eps, kernel)
+  return (x, y), (checkpoint_name(x, NORM_RESIDUALS), checkpoint_name(inv_rms, NORM_RESIDUALS), scale)
+
+
+def _norm_on_stream_bwd(eps, kernel, residuals, cotangents):
+  x, inv_rms, scale = residuals
+  d_stream, dy = cotangents
+  dx, d_scale = norm_kernels.rms_norm_bwd(dy, x, inv_rms, scale, d_stream, kernel)
+  return dx, d_scale.astype(scale.dtype)
+
+
+_norm_on_stream.defvjp(_norm_on_stream_fwd, _norm_on_stream_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _add_norm_on_stream(residual, delta, scale, eps, kernel):
+  return _add_norm_on_stream_fwd(residual, delta, scale, eps, kernel)[0]
+
+
+def _add_norm_on_stream_fwd(residual, delta, scale, eps, kernel):
+  x, y, inv_rms = norm_kernels.add_rms_norm_fwd(residual, delta, scale, eps, kernel)
+  return (x, y), (checkpoint_name(x, NORM_RESIDUALS), checkpoint_name(inv_rms, NORM_RESIDUALS), scale)
+
+
+def _add_norm_on_stream_bwd(eps, kernel, residuals, cotangents):
+  dx, d_scale = _norm_on_stream_bwd(eps, kernel, residuals, cotangents)
+  return dx, dx, d_scale  # residual and delta are summed: both get the stream's gradient
+
+
+_add_norm_on_stream.defvjp(_add_norm_on_stream_fwd, _add_norm_on_stream_bwd)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm (float32 statistics), learned scale initialised to 1. `kernel`:
+  "pallas" runs `add_and_norm` through the fused kernels where they fit, "xla" never."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype, compute_dtype, rngs: nnx.Rngs, kernel: str = "xla"):
     self.eps = eps
     self.compute_dtype = compute_dtype
+    self.kernel = kernel
     self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return rms_norm(x.astype(self.compute_dtype), self.scale[...], self.eps)
+
+  def add_and_norm(self, residual: jax.Array, delta: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(x, normed x) for the residual stream x = residual + delta (see `add_rms_norm`)."""
+    delta = None if delta is None else delta.astype(self.compute_dtype)
+    return add_rms_norm(residual.astype(self.compute_dtype), delta, self.scale[...], self.eps, self.kernel)
 
 
 def rotary(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from paxlite.config import ModelConfig
-from paxlite.models import blockwise
+from paxlite.models import blockwise, norm_kernels
 from paxlite.models.attention import ATTENTION_INPUTS, KV, Attention, write_at
 from paxlite.models.layers import MATMUL_INPUTS, NORM_RESIDUALS, Einsum, Embed, RMSNorm, scaled_normal
 from paxlite.numerics import FP8_RESIDUALS, DtypePolicy, Fp8Recipe
@@ -55,6 +55,8 @@ def _save_dots_attention_and_operands(prim, *args, **params) -> bool:
 
 # The residual stream entering each decoder block, named so that `offload` can move it.
 LAYER_INPUT = "layer_input"
+# The logical names of the activations between blocks.
+ACTIVATION = ("batch", "length", "act_embed")
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -88,20 +90,31 @@ class MLP(nnx.Module):
 
 
 class DecoderBlock(nnx.Module):
-  """Pre-norm attention and MLP; `fp8` (a recipe or None) applies to their projections only."""
+  """Pre-norm attention and MLP; `fp8` (a recipe or None) applies to their projections only;
+  `norm_kernel` is the norms' (RMSNorm)."""
 
-  def __init__(self, cfg: ModelConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs, fp8: Fp8Recipe | None = None):
+  def __init__(self, cfg: ModelConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs, fp8: Fp8Recipe | None = None,
+               norm_kernel: str = "xla"):
     common = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
-    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, **common)
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, kernel=norm_kernel, **common)
     self.attn = Attention(cfg, fp8=fp8, **common)
-    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, **common)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, kernel=norm_kernel, **common)
     self.mlp = MLP(cfg, fp8=fp8, **common)
 
   def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, kv_cache: KV | None = None) -> tuple[jax.Array, KV]:
     """The block's output and its attention's new keys and values (see Attention)."""
-    attn_btd, new_kv = self.attn(self.attn_norm(x_btd), positions_bt, kv_cache)
-    x_btd = constrain(x_btd + attn_btd, ("batch", "length", "act_embed"))
-    return constrain(x_btd + self.mlp(self.mlp_norm(x_btd)), ("batch", "length", "act_embed")), new_kv
+    x_btd, delta_btd, new_kv = self.on_stream(x_btd, None, positions_bt, kv_cache)
+    return constrain(x_btd + delta_btd, ACTIVATION), new_kv
+
+  def on_stream(self, x_btd: jax.Array, delta_btd: jax.Array | None, positions_bt: jax.Array,
+                kv_cache: KV | None = None) -> tuple[jax.Array, jax.Array, KV]:
+    """The block on the residual stream x + delta (delta None: x), its output returned the
+    same way, (x', delta', keys and values) with x' + delta' the output: each sum is left to
+    the norm that reads it, which adds it in the same pass (RMSNorm.add_and_norm)."""
+    x_btd, normed_btd = self.attn_norm.add_and_norm(x_btd, delta_btd)
+    attn_btd, new_kv = self.attn(normed_btd, positions_bt, kv_cache)
+    x_btd, normed_btd = self.mlp_norm.add_and_norm(constrain(x_btd, ACTIVATION), attn_btd)
+    return constrain(x_btd, ACTIVATION), constrain(self.mlp(normed_btd), ACTIVATION), new_kv
 
 
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -133,10 +146,13 @@ class Transformer(nnx.Module):
     self.pipeline = pipeline
     common = dict(param_dtype=policy.param_dtype, compute_dtype=policy.compute_dtype)
     self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs, **common)
+    # Pipeline stages run one block at a time on a plain residual stream: XLA's norms there.
+    norm_kernel = "xla" if pipeline is not None else norm_kernels.implementation(cfg.norm_kernel)
     # fp8 in the decoder blocks: the embedding stays in compute dtype, and so does the output
     # head unless the policy says fp8_head.
-    self.blocks = stacked(lambda r: DecoderBlock(cfg, rngs=r, fp8=policy.fp8, **common), cfg.num_layers, rngs)
-    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, **common)
+    self.blocks = stacked(lambda r: DecoderBlock(cfg, rngs=r, fp8=policy.fp8, norm_kernel=norm_kernel, **common),
+                          cfg.num_layers, rngs)
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, kernel=norm_kernel, **common)
     if not cfg.tie_embeddings:
       self.head = Einsum("btd,dv->btv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                          init=scaled_normal(cfg.init_std), rngs=rngs, fp8=policy.fp8 if policy.fp8_head else None,
@@ -145,8 +161,7 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
-    x_btd = self._run_blocks(self._embed(tokens_bt), positions_bt)
-    return self._logits(x_btd)
+    return self._logits(*self._run_blocks(self._embed(tokens_bt), positions_bt))
 
   def init_cache(self, batch: int, length: int) -> KV:
     """An empty KV cache: keys and values [layers, batch, length, kv_heads, head_dim] each,
@@ -185,38 +200,55 @@ class Transformer(nnx.Module):
     return self._logits(x_btd), cache
 
   def _embed(self, tokens_bt: jax.Array) -> jax.Array:
-    return constrain(self.embed(tokens_bt), ("batch", "length", "act_embed"))
+    return constrain(self.embed(tokens_bt), ACTIVATION)
 
-  def _logits(self, x_btd: jax.Array) -> jax.Array:
-    x_btd = self.final_norm(x_btd)
+  def _logits(self, x_btd: jax.Array, delta_btd: jax.Array | None = None) -> jax.Array:
+    """Logits of the residual stream x + delta (delta None: x)."""
+    if delta_btd is None:
+      x_btd = self.final_norm(x_btd)
+    else:
+      _, x_btd = self.final_norm.add_and_norm(x_btd, delta_btd)
     logits_btv = self.embed.attend(x_btd) if self.cfg.tie_embeddings else self.head(x_btd)
     return constrain(logits_btv.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
-  def _run_blocks(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
+  def _run_blocks(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """The decoder blocks on the embeddings: the residual stream as (x, delta), x + delta the
+    last block's output (delta None under pipelines, whose stages add it themselves)."""
     graphdef, layer_state = nnx.split(self.blocks)
-    if self.pipeline is None:
-      layer_state = self._kernels_in_compute_dtype(layer_state)
-
-    def block_fn(x, one_layer_state, positions):
-      return nnx.merge(graphdef, one_layer_state)(checkpoint_name(x, LAYER_INPUT), positions)[0]
-
-    if self.cfg.remat != "none":
-      block_fn = jax.checkpoint(block_fn, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
+    policy = _REMAT_POLICIES.get(self.cfg.remat)
 
     if self.pipeline is not None:
-      return self._run_pipeline(block_fn, layer_state, x_btd, positions_bt)
+      def block_fn(x, one_layer_state, positions):
+        return nnx.merge(graphdef, one_layer_state)(checkpoint_name(x, LAYER_INPUT), positions)[0]
+
+      if policy is not None:
+        block_fn = jax.checkpoint(block_fn, policy=policy, prevent_cse=not self.cfg.scan_layers)
+      return self._run_pipeline(block_fn, layer_state, x_btd, positions_bt), None
+
+    layer_state = self._kernels_in_compute_dtype(layer_state)
+
+    def stream_fn(stream, one_layer_state, positions):
+      x, delta = (None if a is None else checkpoint_name(a, LAYER_INPUT) for a in stream)
+      return nnx.merge(graphdef, one_layer_state).on_stream(x, delta, positions)[:2]
+
+    if policy is not None:
+      stream_fn = jax.checkpoint(stream_fn, policy=policy, prevent_cse=not self.cfg.scan_layers)
+
     if self.cfg.scan_layers:
-      x_btd, _ = jax.lax.scan(lambda x, s: (block_fn(x, s, positions_bt), None), x_btd, layer_state)
-      return x_btd
+      # A scan's carry keeps one structure: the first block adds a zero delta.
+      stream = (x_btd, jnp.zeros_like(x_btd))
+      stream, _ = jax.lax.scan(lambda s, layer: (stream_fn(s, layer, positions_bt), None), stream, layer_state)
+      return stream
     # One split per stacked array, not a slice per layer: the gradient of a split is one
     # concatenation of the layers' gradients, where 24 slices' gradients are 24 zero-padded
     # arrays that XLA sums element by element (~15 ms per step on the 1.7B model, round 13).
     num_layers = self.cfg.num_layers
     pieces = jax.tree.map(lambda a: jax.lax.split(a, (1,) * num_layers, axis=0), layer_state)
     is_pieces = lambda x: isinstance(x, list)
+    stream = (x_btd, None)
     for i in range(num_layers):
-      x_btd = block_fn(x_btd, jax.tree.map(lambda p: p[i][0], pieces, is_leaf=is_pieces), positions_bt)
-    return x_btd
+      stream = stream_fn(stream, jax.tree.map(lambda p: p[i][0], pieces, is_leaf=is_pieces), positions_bt)
+    return stream
 
   def _kernels_in_compute_dtype(self, layer_state: nnx.State) -> nnx.State:
     """The projections' stacked kernels cast to compute dtype once, before the layers run.

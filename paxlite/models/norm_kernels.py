@@ -1,0 +1,240 @@
+"""Residual add + RMSNorm in one pass over the activations: Pallas kernels for GPUs, and the
+same arithmetic in plain jnp for every other backend (and as the kernels' reference).
+
+Why kernels: XLA cannot fuse a row reduction with the elementwise work that needs its result,
+so it runs a norm as two passes (the sum of squares, then the scaling) and its backward as
+two or three (the per-token dot product, then dx and the column sum for the scale's
+gradient), each reading the [tokens, d_model] activations again. Here one kernel per
+direction reads each input once:
+- forward: x = residual + delta, y = x / rms(x) * scale, 1/rms per token;
+- backward: d_x = d_residual_stream + norm's dx (the residual stream's gradient and the norm's
+  own, summed in the same pass), and per-program partial sums of the scale's gradient.
+
+Arithmetic is that of paxlite.models.layers.rms_norm (statistics in float32, outputs rounded
+to the activations' dtype at the same points), so switching implementation changes no
+result beyond float32 reassociation of the sums.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+from jax.sharding import PartitionSpec as P
+
+from paxlite.config import ConfigError
+from paxlite.partitioning import current_rules, resolve
+
+# The activations' logical names, as the decoder constrains them between blocks.
+_ACTIVATION = ("batch", "length", "act_embed")
+# Tests set this to run the Pallas kernels through Pallas's interpreter (on CPU).
+INTERPRET = False
+
+# Block sizes and warps, from benchmarks/norm_kernels.py on an H200 at [16384, 2048] bf16
+# (rounds 23-24): rows of [tokens, d_model] per forward program and per step of a backward
+# program's loop, and rows per backward program (its partial sums of the scale's gradient are
+# one row of a [tokens / _BWD_PROGRAM_ROWS, d_model] float32 array, summed after). Eight rows
+# per step ran the backward at half the speed of four (register spills).
+_FWD_ROWS = 2
+_BWD_ROWS = 4
+_BWD_PROGRAM_ROWS = 64
+_NUM_WARPS = 4
+
+
+def kernel_fits(rows: int, dim: int) -> bool:
+  """Whether the Pallas kernels take [rows, dim] activations: Triton blocks need a
+  power-of-two width, and the row blocks must tile the rows exactly."""
+  return dim >= 128 and dim & (dim - 1) == 0 and dim <= 16384 and rows % _BWD_PROGRAM_ROWS == 0
+
+
+def implementation(setting: str) -> str:
+  """model.norm_kernel -> "pallas" | "xla": auto is pallas on GPU. Raises ConfigError for
+  pallas on another backend (Pallas's Triton kernels are GPU code)."""
+  if setting == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+  if setting == "pallas" and jax.default_backend() != "gpu" and not INTERPRET:
+    raise ConfigError(f"model.norm_kernel: pallas needs a GPU, this backend is {jax.default_backend()}; use auto or xla")
+  return setting
+
+
+def add_rms_norm_fwd(residual, delta, scale, eps: float, kernel: str):
+  """(x, y, inv_rms) for [batch, length, d] activations: x = residual + delta (or residual
+  when delta is None), y = rms_norm(x) * scale, inv_rms [batch, length] float32. `kernel`:
+  "pallas" or "xla" (see `use_pallas`)."""
+  if not use_pallas(kernel, residual.shape):
+    return add_rms_norm_fwd_xla(residual, delta, scale, eps)
+  inputs = (residual,) if delta is None else (residual, delta)
+
+  def local(*arrays):
+    *acts, s = arrays
+    b, t, d = acts[0].shape
+    x, y, inv = add_rms_norm_fwd_pallas(*(a.reshape(b * t, d) for a in acts), *((None,) if len(acts) == 1 else ()),
+                                        s, eps, interpret=INTERPRET)
+    return x.reshape(b, t, d), y.reshape(b, t, d), inv.reshape(b, t)
+
+  spec = _row_spec(residual.shape)
+  if spec is None:
+    return local(*inputs, scale)
+  acts, rows = P(*spec, None), P(*spec)
+  return jax.shard_map(local, in_specs=(acts,) * len(inputs) + (P(None),), out_specs=(acts, acts, rows),
+                       check_vma=False)(*inputs, scale)
+
+
+def rms_norm_bwd(dy, x, inv_rms, scale, d_stream, kernel: str):
+  """(d_x, d_scale) for [batch, length, d] activations: the norm's input gradient plus the
+  residual stream's gradient `d_stream` (None: nothing), and the scale's gradient (float32)."""
+  if not use_pallas(kernel, x.shape):
+    return rms_norm_bwd_xla(dy, x, inv_rms, scale, d_stream)
+  inputs = (dy, x, inv_rms, scale) + (() if d_stream is None else (d_stream,))
+  spec = _row_spec(x.shape)
+
+  def local(g, xx, inv, s, *stream):
+    b, t, d = xx.shape
+    flat = lambda a: a.reshape(b * t, d)
+    dx, d_scale = rms_norm_bwd_pallas(flat(g), flat(xx), inv.reshape(b * t), s,
+                                      flat(stream[0]) if stream else None, interpret=INTERPRET)
+    mesh_axes = tuple(a for entry in (spec or ()) if entry for a in ((entry,) if isinstance(entry, str) else entry))
+    return dx.reshape(b, t, d), jax.lax.psum(d_scale, mesh_axes) if mesh_axes else d_scale
+
+  if spec is None:
+    return local(*inputs)
+  acts = P(*spec, None)
+  in_specs = (acts, acts, P(*spec), P(None)) + ((acts,) if d_stream is not None else ())
+  return jax.shard_map(local, in_specs=in_specs, out_specs=(acts, P(None)), check_vma=False)(*inputs)
+
+
+def use_pallas(kernel: str, shape) -> bool:
+  """Whether the kernels run for activations of `shape` [batch, length, d]: asked for, and
+  each device's rows tile into the kernels' blocks with d unsharded (the statistics are per
+  row). Otherwise the plain-jnp twin runs: same arithmetic, XLA's fusions."""
+  if kernel != "pallas":
+    return False
+  spec = _row_spec(shape)
+  if spec is False:
+    return False
+  mesh_shape = _mesh_shape()
+  split = [math.prod(mesh_shape[a] for a in ((e,) if isinstance(e, str) else e)) if e else 1 for e in (spec or (None, None))]
+  return kernel_fits(shape[0] // split[0] * (shape[1] // split[1]), shape[2])
+
+
+def _mesh_shape() -> dict[str, int]:
+  mesh = jax.sharding.get_abstract_mesh()
+  return {} if mesh is None or mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def _row_spec(shape):
+  """The activations' (batch, length) PartitionSpec entries under the current mesh and rules;
+  None with no mesh (or no rules), False when d is sharded."""
+  rules, mesh_shape = current_rules(), _mesh_shape()
+  if rules is None or not mesh_shape:
+    return None
+  spec = tuple(resolve(_ACTIVATION, rules, shape=shape, mesh_shape=mesh_shape)) + (None,) * 3
+  return False if spec[2] is not None else spec[:2]
+
+
+# --- plain jnp (every backend; the reference the kernels are tested against) -------------
+
+
+def add_rms_norm_fwd_xla(residual, delta, scale, eps):
+  """(x, y, inv_rms) for x = residual + delta (delta may be None), over the last axis."""
+  x = residual if delta is None else residual + delta
+  x32 = x.astype(jnp.float32)
+  inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  y = (x32 * inv_rms * scale.astype(jnp.float32)).astype(x.dtype)
+  return x, y, inv_rms[..., 0]
+
+
+def rms_norm_bwd_xla(dy, x, inv_rms, scale, d_stream):
+  """(d_x, d_scale): the norm's input gradient plus `d_stream` (None: nothing), and the
+  scale's gradient in float32."""
+  inv_rms = inv_rms[..., None]
+  x_hat = x.astype(jnp.float32) * inv_rms
+  dy32 = dy.astype(jnp.float32)
+  d_scale = jnp.sum(dy32 * x_hat, axis=tuple(range(x.ndim - 1)))
+  d_xhat = dy32 * scale.astype(jnp.float32)
+  dx = (inv_rms * (d_xhat - x_hat * jnp.mean(d_xhat * x_hat, axis=-1, keepdims=True))).astype(x.dtype)
+  return (dx if d_stream is None else d_stream + dx), d_scale
+
+
+# --- Pallas kernels (2-D [rows, dim]) ----------------------------------------------------
+
+
+def _fwd_kernel(*refs, eps, has_delta):
+  if has_delta:
+    residual_ref, delta_ref, scale_ref, x_ref, y_ref, inv_ref = refs
+    x = (residual_ref[...].astype(jnp.float32) + delta_ref[...].astype(jnp.float32)).astype(x_ref.dtype)
+    x_ref[...] = x
+  else:  # x is the residual itself: nothing to write
+    residual_ref, scale_ref, y_ref, inv_ref = refs
+    x = residual_ref[...]
+  x32 = x.astype(jnp.float32)
+  inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=1) + eps)
+  inv_ref[...] = inv
+  y_ref[...] = (x32 * inv[:, None] * scale_ref[...].astype(jnp.float32)[None, :]).astype(y_ref.dtype)
+
+
+def _bwd_kernel(*refs, has_stream):
+  if has_stream:
+    dy_ref, x_ref, inv_ref, scale_ref, stream_ref, dx_ref, dscale_ref = refs
+  else:
+    dy_ref, x_ref, inv_ref, scale_ref, dx_ref, dscale_ref = refs
+  scale = scale_ref[...].astype(jnp.float32)[None, :]
+
+  def step(i, d_scale):
+    rows = pl.ds(i * _BWD_ROWS, _BWD_ROWS)
+    inv = inv_ref[rows][:, None]
+    x_hat = x_ref[rows, :].astype(jnp.float32) * inv
+    dy = dy_ref[rows, :].astype(jnp.float32)
+    d_xhat = dy * scale
+    dx = (inv * (d_xhat - x_hat * jnp.mean(d_xhat * x_hat, axis=1, keepdims=True))).astype(dx_ref.dtype)
+    if has_stream:
+      dx = (stream_ref[rows, :].astype(jnp.float32) + dx.astype(jnp.float32)).astype(dx_ref.dtype)
+    dx_ref[rows, :] = dx
+    return d_scale + jnp.sum(dy * x_hat, axis=0)
+
+  dim = dscale_ref.shape[-1]
+  d_scale = jax.lax.fori_loop(0, _BWD_PROGRAM_ROWS // _BWD_ROWS, step, jnp.zeros((dim,), jnp.float32))
+  dscale_ref[...] = d_scale[None, :]
+
+
+def add_rms_norm_fwd_pallas(residual, delta, scale, eps, *, interpret: bool = False):
+  rows, dim = residual.shape
+  row_block = pl.BlockSpec((_FWD_ROWS, dim), lambda i: (i, 0))
+  inputs = (residual,) if delta is None else (residual, delta)
+  outputs = 1 if delta is None else 2  # (y) or (x, y), then 1/rms
+  results = pl.pallas_call(
+      functools.partial(_fwd_kernel, eps=eps, has_delta=delta is not None),
+      grid=(rows // _FWD_ROWS,),
+      in_specs=[row_block] * len(inputs) + [pl.BlockSpec((dim,), lambda i: (0,))],
+      out_specs=[row_block] * outputs + [pl.BlockSpec((_FWD_ROWS,), lambda i: (i,))],
+      out_shape=[jax.ShapeDtypeStruct((rows, dim), residual.dtype)] * outputs
+      + [jax.ShapeDtypeStruct((rows,), jnp.float32)],
+      interpret=interpret,
+      compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=_NUM_WARPS),
+      name="add_rms_norm_fwd",
+  )(*inputs, scale)
+  return tuple(results) if delta is not None else (residual, *results)
+
+
+def rms_norm_bwd_pallas(dy, x, inv_rms, scale, d_stream, *, interpret: bool = False):
+  rows, dim = x.shape
+  programs = rows // _BWD_PROGRAM_ROWS
+  block = pl.BlockSpec((_BWD_PROGRAM_ROWS, dim), lambda i: (i, 0))
+  inputs = (dy, x, inv_rms, scale) + (() if d_stream is None else (d_stream,))
+  specs = [block, block, pl.BlockSpec((_BWD_PROGRAM_ROWS,), lambda i: (i,)), pl.BlockSpec((dim,), lambda i: (0,))]
+  dx, d_scale_parts = pl.pallas_call(
+      functools.partial(_bwd_kernel, has_stream=d_stream is not None),
+      grid=(programs,),
+      in_specs=specs + ([block] if d_stream is not None else []),
+      out_specs=[block, pl.BlockSpec((1, dim), lambda i: (i, 0))],
+      out_shape=[jax.ShapeDtypeStruct((rows, dim), x.dtype), jax.ShapeDtypeStruct((programs, dim), jnp.float32)],
+      interpret=interpret,
+      compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=_NUM_WARPS),
+      name="rms_norm_bwd",
+  )(*inputs)
+  return dx, jnp.sum(d_scale_parts, axis=0)
