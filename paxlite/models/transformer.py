@@ -57,6 +57,9 @@ def _save_dots_attention_and_operands(prim, *args, **params) -> bool:
 LAYER_INPUT = "layer_input"
 # The logical names of the activations between blocks.
 ACTIVATION = ("batch", "length", "act_embed")
+# Remat policies that recompute the whole block in the backward pass from its input (which
+# offload keeps in host memory, full on the device).
+RECOMPUTE_BLOCK = ("full", "offload")
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -227,16 +230,21 @@ class Transformer(nnx.Module):
 
     layer_state = self._kernels_in_compute_dtype(layer_state)
 
+    # Blocks hand on (x, delta) so that the next norm adds them in its own pass; except under
+    # policies that keep only each block's input, where that would be two arrays, not one.
+    hand_on_sum = self.cfg.remat in RECOMPUTE_BLOCK
+
     def stream_fn(stream, one_layer_state, positions):
       x, delta = (None if a is None else checkpoint_name(a, LAYER_INPUT) for a in stream)
-      return nnx.merge(graphdef, one_layer_state).on_stream(x, delta, positions)[:2]
+      x, delta, _ = nnx.merge(graphdef, one_layer_state).on_stream(x, delta, positions)
+      return (constrain(x + delta, ACTIVATION), None) if hand_on_sum else (x, delta)
 
     if policy is not None:
       stream_fn = jax.checkpoint(stream_fn, policy=policy, prevent_cse=not self.cfg.scan_layers)
 
     if self.cfg.scan_layers:
       # A scan's carry keeps one structure: the first block adds a zero delta.
-      stream = (x_btd, jnp.zeros_like(x_btd))
+      stream = (x_btd, None if hand_on_sum else jnp.zeros_like(x_btd))
       stream, _ = jax.lax.scan(lambda s, layer: (stream_fn(s, layer, positions_bt), None), stream, layer_state)
       return stream
     # One split per stacked array, not a slice per layer: the gradient of a split is one
