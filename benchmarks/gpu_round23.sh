@@ -7,7 +7,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 timeout 150 python3 benchmarks/norm_kernels.py 2>&1 | grep -v "^W\|Warning"
 BEST="model.scan_layers=false model.remat=operands_saveable"
-BENCH="python3 -m paxlite bench configs/bench-1.7b.yaml --steps 10 $BEST --out $OUT/bench23.jsonl"
+BENCH="python3 -m paxlite bench configs/bench-1.7b.yaml --steps 10 $BEST --out $OUT/bench${ROUND:-23}.jsonl"
 for kernel in xla pallas xla pallas; do
   timeout 100 $BENCH model.norm_kernel=$kernel 2>&1 | grep -v "^W\|Warning" | grep "norm_kernel\|Error\|error" | tail -3
 done
