@@ -156,7 +156,9 @@ def _block_residual_bytes(model: tuple, params_dtype: str, compute_dtype: str, r
                                                 compute_dtype=policy.compute_dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(block)
 
-  def apply(params, x_btd, positions_bt):  # as Transformer._run_blocks runs each block
+  # As Transformer._run_blocks runs each block, on one input array where it may hand on (x,
+  # delta): the residuals are the same, each norm keeping its own summed input either way.
+  def apply(params, x_btd, positions_bt):
     return nnx.merge(graphdef, params)(checkpoint_name(x_btd, LAYER_INPUT), positions_bt)
 
   if remat != "none":
