@@ -6,8 +6,8 @@ fusions of the same arithmetic, at the 1.7B model's activation shape [16384, 204
 Prints, per case, the time of each implementation, the bandwidth over the minimal bytes (each
 input read once, each output written once), and the largest difference between their outputs.
 Cases: the forward with a residual add; the backward adding the residual stream's gradient;
-and that backward when the norm's output gradient is the sum of three (q, k and v's input
-gradients), which XLA fuses into its passes and the kernel has summed before it.
+and that backward when the norm's output gradient comes in three parts (q, k and v's input
+gradients), which both sum in their own passes.
 """
 
 import argparse
@@ -58,12 +58,12 @@ def main():
           lambda r, dl, s: nk.add_rms_norm_fwd_pallas(r, dl, s, eps),
           (residual, delta, scale), 4 * mb),
       "backward + stream": (
-          lambda g, xx, i, s, st: nk.rms_norm_bwd_xla(g, xx, i, s, st),
-          lambda g, xx, i, s, st: nk.rms_norm_bwd_pallas(g, xx, i, s, st),
+          lambda g, xx, i, s, st: nk.rms_norm_bwd_xla((g,), xx, i, s, st),
+          lambda g, xx, i, s, st: nk.rms_norm_bwd_pallas((g,), xx, i, s, st),
           (dy, x, inv, scale, stream), 4 * mb),
       "backward + stream, dy = 3 parts": (
-          lambda a, b, c, xx, i, s, st: nk.rms_norm_bwd_xla(a + b + c, xx, i, s, st),
-          lambda a, b, c, xx, i, s, st: nk.rms_norm_bwd_pallas(a + b + c, xx, i, s, st),
+          lambda a, b, c, xx, i, s, st: nk.rms_norm_bwd_xla((a, b, c), xx, i, s, st),
+          lambda a, b, c, xx, i, s, st: nk.rms_norm_bwd_pallas((a, b, c), xx, i, s, st),
           (dy, dy2, dy3, x, inv, scale, stream), 6 * mb),
   }
   print(f"[{n}, {d}] bf16; minimal traffic per case in MB: 1 activation = {mb:.0f}")

@@ -38,17 +38,17 @@ def test_kernels_compute_what_the_jnp_twin_computes(with_delta):
   for e, g in zip(expected, got):
     np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
   x, _, inv_rms = expected
-  for d_stream in (stream, None):
-    expected = norm_kernels.rms_norm_bwd_xla(dy, x, inv_rms, scale, d_stream)
-    got = norm_kernels.rms_norm_bwd_pallas(dy, x, inv_rms, scale, d_stream, interpret=True)
+  for d_stream, dys in ((stream, (dy,)), (None, (dy,)), (stream, (dy, stream, residual))):
+    expected = norm_kernels.rms_norm_bwd_xla(dys, x, inv_rms, scale, d_stream)
+    got = norm_kernels.rms_norm_bwd_pallas(dys, x, inv_rms, scale, d_stream, interpret=True)
     for e, g in zip(expected, got):
       np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernel", ["xla", "pallas"])
 def test_add_rms_norm_gradients_are_autodiffs_of_the_formula(kernel, interpret):
-  """Both outputs (the stream and the normed stream) carry gradient; with [batch, length, d]
-  inputs and no mesh."""
+  """Every output (the stream, and each copy of the normed stream) carries gradient; with
+  [batch, length, d] inputs and no mesh."""
   (residual, delta, weights_x, weights_y), scale = arrays(4)
   shape = (2, 128, 128)
   residual, delta, weights_x, weights_y = (a.reshape(shape) for a in (residual, delta, weights_x, weights_y))
@@ -56,11 +56,11 @@ def test_add_rms_norm_gradients_are_autodiffs_of_the_formula(kernel, interpret):
   def plain(r, d, s):
     x = r + d
     y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + EPS) * s
-    return jnp.sum(jnp.sin(x) * weights_x) + jnp.sum(y * weights_y)
+    return jnp.sum(jnp.sin(x) * weights_x) + jnp.sum(y * weights_y) + jnp.sum(jnp.cos(y))
 
   def fused(r, d, s):
-    x, y = add_rms_norm(r, d, s, EPS, kernel)
-    return jnp.sum(jnp.sin(x) * weights_x) + jnp.sum(y * weights_y)
+    x, (y, y_again) = add_rms_norm(r, d, s, EPS, kernel, copies=2)
+    return jnp.sum(jnp.sin(x) * weights_x) + jnp.sum(y * weights_y) + jnp.sum(jnp.cos(y_again))
 
   expected = jax.grad(plain, argnums=(0, 1, 2))(residual, delta, scale)
   got = jax.jit(jax.grad(fused, argnums=(0, 1, 2)))(residual, delta, scale)
@@ -104,6 +104,19 @@ def test_model_trains_the_same_with_either_kernel(scan, interpret):
   # Each norm once forward and once backward: 2 per block and the final norm, in one traced
   # scan body or per unrolled layer.
   assert results["pallas"][2] == 2 * (3 if scan else 2 * 2 + 1)
+
+
+def test_each_consumers_gradient_reaches_the_kernel_apart(interpret, monkeypatch):
+  """q, k and v's input gradients reach the attention norm's backward kernel as three arrays,
+  gate and up's as two: summed in its pass, not by XLA in a pass before it."""
+  parts = []
+  traced = norm_kernels.rms_norm_bwd_pallas
+  monkeypatch.setattr(norm_kernels, "rms_norm_bwd_pallas", lambda dys, *a, **k: parts.append(len(dys)) or traced(dys, *a, **k))
+  cfg = load_config(None, {**SMALL, "model.scan_layers": False, "model.norm_kernel": "pallas"})
+  trainer = Trainer(cfg, mesh=make_mesh(cfg.mesh))
+  with trainer.activate():
+    jax.make_jaxpr(trainer._step_fn)(trainer.abstract_state(), jax.ShapeDtypeStruct((16, 33), jnp.int32))
+  assert sorted(parts) == [1, 2, 2, 3, 3]  # the final norm, 2 MLP norms, 2 attention norms
 
 
 def test_falls_back_where_the_kernels_do_not_fit(interpret):

@@ -60,21 +60,23 @@ class Attention(nnx.Module):
     self.v = Einsum("btd,dkh->btkh", (d, k, h), ("embed", "kv_heads", "head_dim"), init=init_in, **common)
     self.o = Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), init=init_out, **common)
 
-  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array,
+  def __call__(self, x_btd: jax.Array | tuple[jax.Array, jax.Array, jax.Array], positions_bt: jax.Array,
                kv_cache: KV | None = None) -> tuple[jax.Array, KV]:
-    """Attention over the sequence itself (training), or over a KV cache (decoding).
+    """Attention over the sequence itself (training), or over a KV cache (decoding). `x_btd`:
+    the input, or one copy of it for each of q, k and v (RMSNorm.add_and_norm).
 
     Returns the output and this call's own keys and values (rotated), [b, t, kv_heads,
     head_dim] each, for the caller to store in its cache. With `kv_cache` = one layer's
     (keys, values) [b, s, kv_heads, head_dim], the new keys and values are first written at
     `positions_bt`, then each query at position p attends to cache slots 0..p.
     """
+    x_q, x_k, x_v = x_btd if isinstance(x_btd, tuple) else (x_btd,) * 3
     x_history = self.q.input_history()  # one fp8 quantisation of x for q, k and v
-    q = self.q(x_btd, x_history)
+    q = self.q(x_q, x_history)
     q = constrain(rotary(q, positions_bt, self.rope_theta), ("batch", "length", "act_heads", "head_dim"))
-    k = self.k(x_btd, x_history)
+    k = self.k(x_k, x_history)
     k = constrain(rotary(k, positions_bt, self.rope_theta), ("batch", "length", "act_kv_heads", "head_dim"))
-    v = constrain(self.v(x_btd, x_history), ("batch", "length", "act_kv_heads", "head_dim"))
+    v = constrain(self.v(x_v, x_history), ("batch", "length", "act_kv_heads", "head_dim"))
     if kv_cache is None:
       # Softmax runs in float32 inside the fused kernel (cuDNN) or XLA's lowering.
       implementation = attention_implementation(self.attention, q.dtype)
@@ -92,7 +94,7 @@ class Attention(nnx.Module):
       # query per row) is bound by reading the cache, not by the matrix units.
       out = jax.nn.dot_product_attention(*_cpu_float16_safe(q, keys.astype(q.dtype), values.astype(q.dtype)),
                                          mask=mask_b1ts, implementation="xla")
-    out = constrain(out.astype(x_btd.dtype), ("batch", "length", "act_heads", "head_dim"))
+    out = constrain(out.astype(x_q.dtype), ("batch", "length", "act_heads", "head_dim"))
     return self.o(out), (k, v)
 
 

@@ -112,7 +112,7 @@ def _rms_norm_fwd(x, scale, eps):
 
 def _rms_norm_bwd(eps, residuals, dy):
   x, inv_rms, scale = residuals
-  dx, d_scale = norm_kernels.rms_norm_bwd_xla(dy, x, inv_rms, scale, None)
+  dx, d_scale = norm_kernels.rms_norm_bwd_xla((dy,), x, inv_rms, scale, None)
   return dx, d_scale.astype(scale.dtype)
 
 
@@ -120,47 +120,51 @@ rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def add_rms_norm(residual: jax.Array, delta: jax.Array | None, scale: jax.Array, eps: float,
-                 kernel: str = "xla") -> tuple[jax.Array, jax.Array]:
-  """(x, rms_norm(x, scale)) for the residual stream x = residual + delta (delta None: x is
-  residual): the add, the norm and, in the backward pass, the stream's gradient plus the
-  norm's, each in one pass (paxlite.models.norm_kernels; `kernel` "pallas" or "xla")."""
+                 kernel: str = "xla", copies: int = 1) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """(x, (y,) * copies) for the residual stream x = residual + delta (delta None: x is
+  residual) and y = rms_norm(x, scale): the add, the norm and, in the backward pass, the
+  stream's gradient plus the norm's, each in one pass (paxlite.models.norm_kernels; `kernel`
+  "pallas" or "xla"). Give each consumer of y its own copy (the same array): their gradients
+  then reach the backward pass apart, and it sums them in its own pass."""
   if delta is None:
-    return _norm_on_stream(residual, scale, eps, kernel)
-  return _add_norm_on_stream(residual, delta, scale, eps, kernel)
+    x, *ys = _norm_on_stream(residual, scale, eps, kernel, copies)
+  else:
+    x, *ys = _add_norm_on_stream(residual, delta, scale, eps, kernel, copies)
+  return x, tuple(ys)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _norm_on_stream(x, scale, eps, kernel):
-  return _norm_on_stream_fwd(x, scale, eps, kernel)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _norm_on_stream(x, scale, eps, kernel, copies):
+  return _norm_on_stream_fwd(x, scale, eps, kernel, copies)[0]
 
 
-def _norm_on_stream_fwd(x, scale, eps, kernel):
+def _norm_on_stream_fwd(x, scale, eps, kernel, copies):
   x, y, inv_rms = norm_kernels.add_rms_norm_fwd(x, None, scale, eps, kernel)
-  return (x, y), (checkpoint_name(x, NORM_RESIDUALS), checkpoint_name(inv_rms, NORM_RESIDUALS), scale)
+  return (x,) + (y,) * copies, (checkpoint_name(x, NORM_RESIDUALS), checkpoint_name(inv_rms, NORM_RESIDUALS), scale)
 
 
-def _norm_on_stream_bwd(eps, kernel, residuals, cotangents):
+def _norm_on_stream_bwd(eps, kernel, copies, residuals, cotangents):
   x, inv_rms, scale = residuals
-  d_stream, dy = cotangents
-  dx, d_scale = norm_kernels.rms_norm_bwd(dy, x, inv_rms, scale, d_stream, kernel)
+  d_stream, *dys = cotangents
+  dx, d_scale = norm_kernels.rms_norm_bwd(tuple(dys), x, inv_rms, scale, d_stream, kernel)
   return dx, d_scale.astype(scale.dtype)
 
 
 _norm_on_stream.defvjp(_norm_on_stream_fwd, _norm_on_stream_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _add_norm_on_stream(residual, delta, scale, eps, kernel):
-  return _add_norm_on_stream_fwd(residual, delta, scale, eps, kernel)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _add_norm_on_stream(residual, delta, scale, eps, kernel, copies):
+  return _add_norm_on_stream_fwd(residual, delta, scale, eps, kernel, copies)[0]
 
 
-def _add_norm_on_stream_fwd(residual, delta, scale, eps, kernel):
+def _add_norm_on_stream_fwd(residual, delta, scale, eps, kernel, copies):
   x, y, inv_rms = norm_kernels.add_rms_norm_fwd(residual, delta, scale, eps, kernel)
-  return (x, y), (checkpoint_name(x, NORM_RESIDUALS), checkpoint_name(inv_rms, NORM_RESIDUALS), scale)
+  return (x,) + (y,) * copies, (checkpoint_name(x, NORM_RESIDUALS), checkpoint_name(inv_rms, NORM_RESIDUALS), scale)
 
 
-def _add_norm_on_stream_bwd(eps, kernel, residuals, cotangents):
-  dx, d_scale = _norm_on_stream_bwd(eps, kernel, residuals, cotangents)
+def _add_norm_on_stream_bwd(eps, kernel, copies, residuals, cotangents):
+  dx, d_scale = _norm_on_stream_bwd(eps, kernel, copies, residuals, cotangents)
   return dx, dx, d_scale  # residual and delta are summed: both get the stream's gradient
 
 
@@ -180,10 +184,12 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     return rms_norm(x.astype(self.compute_dtype), self.scale[...], self.eps)
 
-  def add_and_norm(self, residual: jax.Array, delta: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """(x, normed x) for the residual stream x = residual + delta (see `add_rms_norm`)."""
+  def add_and_norm(self, residual: jax.Array, delta: jax.Array | None,
+                   copies: int = 1) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """(x, (normed x,) * copies) for the residual stream x = residual + delta, a copy for each
+    consumer of the normed x (see `add_rms_norm`)."""
     delta = None if delta is None else delta.astype(self.compute_dtype)
-    return add_rms_norm(residual.astype(self.compute_dtype), delta, self.scale[...], self.eps, self.kernel)
+    return add_rms_norm(residual.astype(self.compute_dtype), delta, self.scale[...], self.eps, self.kernel, copies)
 
 
 def rotary(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:

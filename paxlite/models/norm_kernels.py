@@ -8,7 +8,9 @@ gradient), each reading the [tokens, d_model] activations again. Here one kernel
 direction reads each input once:
 - forward: x = residual + delta, y = x / rms(x) * scale, 1/rms per token;
 - backward: d_x = d_residual_stream + norm's dx (the residual stream's gradient and the norm's
-  own, summed in the same pass), and per-program partial sums of the scale's gradient.
+  own, summed in the same pass), and per-program partial sums of the scale's gradient. The
+  norm's output gradient comes in parts, one per consumer (q, k and v read the same normed
+  x; gate and up too), summed in the same pass rather than by XLA before it.
 
 Arithmetic is that of paxlite.models.layers.rms_norm (statistics in float32, outputs rounded
 to the activations' dtype at the same points), so switching implementation changes no
@@ -85,18 +87,21 @@ def add_rms_norm_fwd(residual, delta, scale, eps: float, kernel: str):
                        check_vma=False)(*inputs, scale)
 
 
-def rms_norm_bwd(dy, x, inv_rms, scale, d_stream, kernel: str):
-  """(d_x, d_scale) for [batch, length, d] activations: the norm's input gradient plus the
+def rms_norm_bwd(dys, x, inv_rms, scale, d_stream, kernel: str):
+  """(d_x, d_scale) for [batch, length, d] activations: the norm's input gradient, given its
+  output's gradients `dys` (one per consumer of the output, summed here in float32), plus the
   residual stream's gradient `d_stream` (None: nothing), and the scale's gradient (float32)."""
   if not use_pallas(kernel, x.shape):
-    return rms_norm_bwd_xla(dy, x, inv_rms, scale, d_stream)
-  inputs = (dy, x, inv_rms, scale) + (() if d_stream is None else (d_stream,))
+    return rms_norm_bwd_xla(dys, x, inv_rms, scale, d_stream)
+  parts = len(dys)
+  inputs = (*dys, x, inv_rms, scale) + (() if d_stream is None else (d_stream,))
   spec = _row_spec(x.shape)
 
-  def local(g, xx, inv, s, *stream):
-    b, t, d = xx.shape
+  def local(*arrays):
+    b, t, d = arrays[parts].shape
     flat = lambda a: a.reshape(b * t, d)
-    dx, d_scale = rms_norm_bwd_pallas(flat(g), flat(xx), inv.reshape(b * t), s,
+    g, (xx, inv, s), stream = arrays[:parts], arrays[parts:parts + 3], arrays[parts + 3:]
+    dx, d_scale = rms_norm_bwd_pallas(tuple(flat(a) for a in g), flat(xx), inv.reshape(b * t), s,
                                       flat(stream[0]) if stream else None, interpret=INTERPRET)
     mesh_axes = tuple(a for entry in (spec or ()) if entry for a in ((entry,) if isinstance(entry, str) else entry))
     return dx.reshape(b, t, d), jax.lax.psum(d_scale, mesh_axes) if mesh_axes else d_scale
@@ -104,7 +109,7 @@ def rms_norm_bwd(dy, x, inv_rms, scale, d_stream, kernel: str):
   if spec is None:
     return local(*inputs)
   acts = P(*spec, None)
-  in_specs = (acts, acts, P(*spec), P(None)) + ((acts,) if d_stream is not None else ())
+  in_specs = (acts,) * (parts + 1) + (P(*spec), P(None)) + ((acts,) if d_stream is not None else ())
   return jax.shard_map(local, in_specs=in_specs, out_specs=(acts, P(None)), check_vma=False)(*inputs)
 
 
@@ -149,12 +154,12 @@ def add_rms_norm_fwd_xla(residual, delta, scale, eps):
   return x, y, inv_rms[..., 0]
 
 
-def rms_norm_bwd_xla(dy, x, inv_rms, scale, d_stream):
-  """(d_x, d_scale): the norm's input gradient plus `d_stream` (None: nothing), and the
-  scale's gradient in float32."""
+def rms_norm_bwd_xla(dys, x, inv_rms, scale, d_stream):
+  """(d_x, d_scale): the norm's input gradient, given its output's gradients `dys` (summed in
+  float32), plus `d_stream` (None: nothing), and the scale's gradient in float32."""
   inv_rms = inv_rms[..., None]
   x_hat = x.astype(jnp.float32) * inv_rms
-  dy32 = dy.astype(jnp.float32)
+  dy32 = sum(dy.astype(jnp.float32) for dy in dys)
   d_scale = jnp.sum(dy32 * x_hat, axis=tuple(range(x.ndim - 1)))
   d_xhat = dy32 * scale.astype(jnp.float32)
   dx = (inv_rms * (d_xhat - x_hat * jnp.mean(d_xhat * x_hat, axis=-1, keepdims=True))).astype(x.dtype)
@@ -178,18 +183,18 @@ def _fwd_kernel(*refs, eps, has_delta):
   y_ref[...] = (x32 * inv[:, None] * scale_ref[...].astype(jnp.float32)[None, :]).astype(y_ref.dtype)
 
 
-def _bwd_kernel(*refs, has_stream):
-  if has_stream:
-    dy_ref, x_ref, inv_ref, scale_ref, stream_ref, dx_ref, dscale_ref = refs
-  else:
-    dy_ref, x_ref, inv_ref, scale_ref, dx_ref, dscale_ref = refs
+def _bwd_kernel(*refs, parts, has_stream):
+  dy_refs, (x_ref, inv_ref, scale_ref), rest = refs[:parts], refs[parts:parts + 3], refs[parts + 3:]
+  stream_ref, (dx_ref, dscale_ref) = (rest[0], rest[1:]) if has_stream else (None, rest)
   scale = scale_ref[...].astype(jnp.float32)[None, :]
 
   def step(i, d_scale):
     rows = pl.ds(i * _BWD_ROWS, _BWD_ROWS)
     inv = inv_ref[rows][:, None]
     x_hat = x_ref[rows, :].astype(jnp.float32) * inv
-    dy = dy_ref[rows, :].astype(jnp.float32)
+    dy = dy_refs[0][rows, :].astype(jnp.float32)
+    for ref in dy_refs[1:]:
+      dy = dy + ref[rows, :].astype(jnp.float32)
     d_xhat = dy * scale
     dx = (inv * (d_xhat - x_hat * jnp.mean(d_xhat * x_hat, axis=1, keepdims=True))).astype(dx_ref.dtype)
     if has_stream:
@@ -221,14 +226,15 @@ def add_rms_norm_fwd_pallas(residual, delta, scale, eps, *, interpret: bool = Fa
   return tuple(results) if delta is not None else (residual, *results)
 
 
-def rms_norm_bwd_pallas(dy, x, inv_rms, scale, d_stream, *, interpret: bool = False):
+def rms_norm_bwd_pallas(dys, x, inv_rms, scale, d_stream, *, interpret: bool = False):
   rows, dim = x.shape
   programs = rows // _BWD_PROGRAM_ROWS
   block = pl.BlockSpec((_BWD_PROGRAM_ROWS, dim), lambda i: (i, 0))
-  inputs = (dy, x, inv_rms, scale) + (() if d_stream is None else (d_stream,))
-  specs = [block, block, pl.BlockSpec((_BWD_PROGRAM_ROWS,), lambda i: (i,)), pl.BlockSpec((dim,), lambda i: (0,))]
+  inputs = (*dys, x, inv_rms, scale) + (() if d_stream is None else (d_stream,))
+  specs = [block] * (len(dys) + 1) + [pl.BlockSpec((_BWD_PROGRAM_ROWS,), lambda i: (i,)),
+                                      pl.BlockSpec((dim,), lambda i: (0,))]
   dx, d_scale_parts = pl.pallas_call(
-      functools.partial(_bwd_kernel, has_stream=d_stream is not None),
+      functools.partial(_bwd_kernel, parts=len(dys), has_stream=d_stream is not None),
       grid=(programs,),
       in_specs=specs + ([block] if d_stream is not None else []),
       out_specs=[block, pl.BlockSpec((1, dim), lambda i: (i, 0))],

@@ -86,9 +86,11 @@ class MLP(nnx.Module):
     self.up = Einsum("btd,df->btf", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), init=init_in, **common)
     self.down = Einsum("btf,fd->btd", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), init=init_out, **common)
 
-  def __call__(self, x_btd: jax.Array) -> jax.Array:
+  def __call__(self, x_btd: jax.Array | tuple[jax.Array, jax.Array]) -> jax.Array:
+    """`x_btd`: the input, or one copy of it for gate and one for up (RMSNorm.add_and_norm)."""
+    x_gate, x_up = x_btd if isinstance(x_btd, tuple) else (x_btd, x_btd)
     x_history = self.gate.input_history()  # one fp8 quantisation of x for gate and up
-    h_btf = jax.nn.silu(self.gate(x_btd, x_history)) * self.up(x_btd, x_history)
+    h_btf = jax.nn.silu(self.gate(x_gate, x_history)) * self.up(x_up, x_history)
     return self.down(constrain(h_btf, ("batch", "length", "act_mlp")))
 
 
@@ -114,10 +116,10 @@ class DecoderBlock(nnx.Module):
     """The block on the residual stream x + delta (delta None: x), its output returned the
     same way, (x', delta', keys and values) with x' + delta' the output: each sum is left to
     the norm that reads it, which adds it in the same pass (RMSNorm.add_and_norm)."""
-    x_btd, normed_btd = self.attn_norm.add_and_norm(x_btd, delta_btd)
-    attn_btd, new_kv = self.attn(normed_btd, positions_bt, kv_cache)
-    x_btd, normed_btd = self.mlp_norm.add_and_norm(constrain(x_btd, ACTIVATION), attn_btd)
-    return constrain(x_btd, ACTIVATION), constrain(self.mlp(normed_btd), ACTIVATION), new_kv
+    x_btd, normed_qkv = self.attn_norm.add_and_norm(x_btd, delta_btd, copies=3)
+    attn_btd, new_kv = self.attn(normed_qkv, positions_bt, kv_cache)
+    x_btd, normed_gate_up = self.mlp_norm.add_and_norm(constrain(x_btd, ACTIVATION), attn_btd, copies=2)
+    return constrain(x_btd, ACTIVATION), constrain(self.mlp(normed_gate_up), ACTIVATION), new_kv
 
 
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -210,7 +212,7 @@ class Transformer(nnx.Module):
     if delta_btd is None:
       x_btd = self.final_norm(x_btd)
     else:
-      _, x_btd = self.final_norm.add_and_norm(x_btd, delta_btd)
+      _, (x_btd,) = self.final_norm.add_and_norm(x_btd, delta_btd)
     logits_btv = self.embed.attend(x_btd) if self.cfg.tie_embeddings else self.head(x_btd)
     return constrain(logits_btv.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
