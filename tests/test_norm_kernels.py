@@ -96,7 +96,7 @@ def test_model_trains_the_same_with_either_kernel(scan, interpret):
       jaxpr = str(jax.make_jaxpr(trainer._step_fn)(trainer.abstract_state(), jax.ShapeDtypeStruct((16, 33), jnp.int32)))
     calls = len(re.findall(r"name=(?:add_rms_norm_fwd|rms_norm_bwd)\b", jaxpr))
     results[kernel] = losses, jax.tree.leaves(jax.device_get(trainer.state["params"])), calls
-  np.testing.assert_allclose(results["pallas"][0], results["xla"][0], rtol=1e-6)
+  np.testing.assert_allclose(results["pallas"][0], results["xla"][0], rtol=1e-5)  # as test_train
   for p, x in zip(results["pallas"][1], results["xla"][1]):
     # As in test_train: Adam turns float32 rounding in a near-zero gradient into ~1e-3 of a step.
     np.testing.assert_allclose(p, x, rtol=1e-4, atol=3e-5)

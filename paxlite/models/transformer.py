@@ -116,10 +116,15 @@ class DecoderBlock(nnx.Module):
     """The block on the residual stream x + delta (delta None: x), its output returned the
     same way, (x', delta', keys and values) with x' + delta' the output: each sum is left to
     the norm that reads it, which adds it in the same pass (RMSNorm.add_and_norm)."""
-    x_btd, normed_qkv = self.attn_norm.add_and_norm(x_btd, delta_btd, copies=3)
-    attn_btd, new_kv = self.attn(normed_qkv, positions_bt, kv_cache)
-    x_btd, normed_gate_up = self.mlp_norm.add_and_norm(constrain(x_btd, ACTIVATION), attn_btd, copies=2)
-    return constrain(x_btd, ACTIVATION), constrain(self.mlp(normed_gate_up), ACTIVATION), new_kv
+    # With the Pallas kernels, each projection reads its own copy of the normed x, so that the
+    # backward kernel gets their gradients apart and sums them itself; XLA's fusions sum them
+    # as well in their own passes, so with those one array serves all.
+    apart = self.attn_norm.kernel == "pallas"
+    x_btd, normed_qkv = self.attn_norm.add_and_norm(x_btd, delta_btd, copies=3 if apart else 1)
+    attn_btd, new_kv = self.attn(normed_qkv if apart else normed_qkv[0], positions_bt, kv_cache)
+    x_btd, normed_gate_up = self.mlp_norm.add_and_norm(constrain(x_btd, ACTIVATION), attn_btd, copies=2 if apart else 1)
+    mlp_btd = self.mlp(normed_gate_up if apart else normed_gate_up[0])
+    return constrain(x_btd, ACTIVATION), constrain(mlp_btd, ACTIVATION), new_kv
 
 
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
