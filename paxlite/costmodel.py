@@ -2,10 +2,12 @@
 without compiling it.
 
 Memory per device = parameters + optimizer state (exact, from `explain_sharding`) + gradients
-(parameter-sized) + the batch + saved activations + the transient of one layer's backward + the
-float32 logits. Saved activations per layer are what JAX's autodiff keeps for
-one decoder block under the remat policy, traced abstractly at per-device shapes
-(what `jax.ad_checkpoint.print_saved_residuals` lists), times the layers a device holds.
+(parameter-sized; the block kernels' in compute dtype) + the batch + saved activations + the
+transient of one layer's backward + the float32 logits + the block kernels' compute-dtype copy
+(the model casts them once per step; not under pipelines, whose blocks cast their own). Saved
+activations per layer are what JAX's autodiff keeps for one decoder block under the remat
+policy, traced abstractly at per-device shapes (what `jax.ad_checkpoint.print_saved_residuals`
+lists, each buffer once however many names it has), times the layers a device holds.
 
 Step time = compute + critical communication + max(0, overlappable communication - compute):
   compute  = FLOPs per device / (peak FLOP/s x efficiency). FLOPs per device count every layer
@@ -35,7 +37,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +111,8 @@ class Estimate:
   gradients: float
   batch: float
   activations: float
-  """Saved activations, one layer's backward transient, and the float32 logits."""
+  """Saved activations, one layer's backward transient, the float32 logits, and the block
+  kernels' compute-dtype copy."""
   model_flops: float
   """Model FLOPs per device per step (6 N + 12 L d T per token, the MFU numerator)."""
   flops: float
@@ -136,16 +139,25 @@ def _bytes(dtype: Any) -> int:
   return jnp.dtype(dtype).itemsize
 
 
-def block_residual_bytes(cfg: Config, rows: int, tensor: int, remat: str) -> float:
+def block_residual_bytes(cfg: Config, rows: int, tensor: int, remat: str, kernels_cast: bool = True) -> float:
   """Bytes one decoder block keeps for its backward pass on one device: `rows` sequences,
-  heads and MLP split `tensor` ways, under `remat` (parameters, stored anyway, not counted)."""
+  heads and MLP split `tensor` ways, under `remat` (parameters, stored anyway, not counted).
+  `kernels_cast`: the block gets its kernels already in compute dtype, as the model casts the
+  stacked kernels once before the layers (not under pipelines, whose blocks cast their own)."""
   model = tuple(dataclasses.asdict(cfg.model).items())
-  return _block_residual_bytes(model, cfg.precision.params, cfg.precision.compute, rows, tensor, remat)
+  return _block_residual_bytes(model, cfg.precision.params, cfg.precision.compute, rows, tensor, remat, kernels_cast)
+
+
+# Primitives that return their operand's value (same shape and dtype), so a residual they make
+# shares its buffer with that operand: a checkpoint name, remat's reduce_precision barrier, a
+# sharding constraint. One value named several times (the normed x each projection names as its
+# input, the attention output the o projection names again) is kept once.
+_SAME_VALUE = ("name", "reduce_precision", "sharding_constraint", "copy", "convert_element_type")
 
 
 @functools.lru_cache(maxsize=256)
 def _block_residual_bytes(model: tuple, params_dtype: str, compute_dtype: str, rows: int, tensor: int,
-                          remat: str) -> float:
+                          remat: str, kernels_cast: bool) -> float:
   m = ModelConfig(**dict(model))
   heads = m.num_heads // tensor
   local = dataclasses.replace(m, num_heads=heads, num_kv_heads=(m.num_kv_heads or m.num_heads) // tensor,
@@ -155,6 +167,10 @@ def _block_residual_bytes(model: tuple, params_dtype: str, compute_dtype: str, r
     block = nnx.eval_shape(lambda: DecoderBlock(local, param_dtype=policy.param_dtype,
                                                 compute_dtype=policy.compute_dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(block)
+  if kernels_cast:  # as Transformer._kernels_in_compute_dtype hands them to the layers
+    is_kernel = lambda path: any(getattr(key, "key", None) == "kernel" for key in path)
+    state = jax.tree_util.tree_map_with_path(
+        lambda path, a: jax.ShapeDtypeStruct(a.shape, policy.compute_dtype) if is_kernel(path) else a, state)
 
   # As Transformer._run_blocks runs each block, on one input array where it may hand on (x,
   # delta): the residuals are the same, each norm keeping its own summed input either way.
@@ -165,18 +181,36 @@ def _block_residual_bytes(model: tuple, params_dtype: str, compute_dtype: str, r
     apply = jax.checkpoint(apply, policy=_REMAT_POLICIES[remat])
   x = jax.ShapeDtypeStruct((rows, m.seq_len, m.d_model), policy.compute_dtype)
   positions = jax.ShapeDtypeStruct((rows, m.seq_len), jnp.int32)
+  return saved_bytes(apply, state, x, positions)
+
+
+def saved_bytes(fn: Callable[..., Any], params: Any, *inputs: Any) -> float:
+  """Device bytes that the backward pass of `fn(params, *inputs)` keeps from its forward pass
+  (arrays or jax.ShapeDtypeStructs): each buffer once, however many names it goes by; the
+  parameters, stored anyway, and values offloaded to the host not counted."""
   # The residuals are the trailing outputs of the traced vjp (what jax's private
-  # saved_residuals reads); those that are parameter inputs are stored anyway.
-  leaves, treedef = jax.tree.flatten((state, x, positions))
-  num_params = len(jax.tree.leaves(state))
-  vjp = lambda *flat: jax.vjp(lambda *a: apply(*jax.tree.unflatten(treedef, a)), *flat)
+  # saved_residuals reads).
+  leaves, treedef = jax.tree.flatten((params, *inputs))
+  num_params = len(jax.tree.leaves(params))
+  vjp = lambda *flat: jax.vjp(lambda *a: fn(*jax.tree.unflatten(treedef, a)), *flat)
   closed, (_, vjp_fn) = jax.make_jaxpr(vjp, return_shape=True)(*leaves)
   outvars = closed.jaxpr.outvars
   residuals = outvars[len(outvars) - len(jax.tree.leaves(vjp_fn)):]
-  params = set(closed.jaxpr.invars[:num_params])
-  kept = {v for v in residuals if hasattr(v, "aval") and not hasattr(v, "val") and v not in params
+  param_vars = set(closed.jaxpr.invars[:num_params])
+  producers = {out: eqn for eqn in closed.jaxpr.eqns for out in eqn.outvars}
+
+  def value(v):  # the variable whose buffer v is
+    while (eqn := producers.get(v)) is not None and eqn.primitive.name in _SAME_VALUE and len(eqn.invars) == 1:
+      source = eqn.invars[0]
+      if not hasattr(source, "aval") or hasattr(source, "val") or source.aval.shape != v.aval.shape \
+          or source.aval.dtype != v.aval.dtype:
+        break
+      v = source
+    return v
+
+  kept = {value(v) for v in residuals if hasattr(v, "aval") and not hasattr(v, "val")
           and str(getattr(v.aval, "memory_space", "")) != "MemorySpace.Host"}  # offloaded: not on the device
-  return float(sum(math.prod(v.aval.shape) * _bytes(v.aval.dtype) for v in kept))
+  return float(sum(math.prod(v.aval.shape) * _bytes(v.aval.dtype) for v in kept - param_vars))
 
 
 def slow_axes(mesh_cfg: MeshConfig, num_devices: int, ici_domain: int | None) -> set[str]:
@@ -222,6 +256,13 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
   d, seq, layers = m.d_model, m.seq_len, m.num_layers
 
   # -- memory --------------------------------------------------------------------------
+  # The model casts the stacked block kernels to compute dtype once per step, before the layers
+  # (not under pipelines): that copy lives through the step, and the layers' kernel gradients
+  # leave the loop in compute dtype too (converted to float32 inside the optimizer's update).
+  cast = schedule is None
+  kernels = sum(p.local_bytes for p in table.params if p.name.startswith("blocks.") and p.name.endswith(".kernel"))
+  kernel_copy = kernels * c / _bytes(cfg.precision.params) if cast else 0.0
+  gradients = params - kernels + kernel_copy if cast else params
   if schedule is None:  # one stage: every layer's residuals, for every accumulation micro-batch in turn
     saved = layers * block_residual_bytes(cfg, rows, tensor, m.remat)
     transient_rows, iterations, micro_rows = rows, 1, rows
@@ -232,10 +273,10 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
     # Each pipeline iteration is rematerialised: kept are the stage input of every iteration
     # and the finished micro-batches, then one iteration's layers are live during backward.
     saved = (iterations + schedule.microbatches) * micro_rows * seq * d * c
-    saved += per_stage * block_residual_bytes(cfg, micro_rows, tensor, m.remat)
+    saved += per_stage * block_residual_bytes(cfg, micro_rows, tensor, m.remat, kernels_cast=False)
     transient_rows = micro_rows
   recomputes = m.remat != "none" or schedule is not None
-  transient = block_residual_bytes(cfg, transient_rows, tensor, "none") if recomputes else 0.0
+  transient = block_residual_bytes(cfg, transient_rows, tensor, "none", kernels_cast=cast) if recomputes else 0.0
   logits = rows * seq * (m.vocab_size // tensor) * 4  # float32 logits (their gradient reuses the buffer)
   batch = t.batch_size // (data * fsdp) * (seq + 1) * 4
 
@@ -284,6 +325,7 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
   if m.remat == "offload":  # each block's input to the host in the forward pass, back in the backward
     overlappable += 2 * passes * d * c / hw.host_bandwidth
   return Estimate(
-      params=params, opt_state=opt, gradients=params, batch=batch, activations=saved + transient + logits,
+      params=params, opt_state=opt, gradients=gradients, batch=batch,
+      activations=saved + transient + logits + kernel_copy,
       model_flops=model_flops, flops=flops, comm_bytes=comm, compute_s=flops / (hw.peak_flops * hw.efficiency),
       critical_s=critical, overlappable_s=overlappable, bubble=schedule.bubble if schedule else 0.0)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from paxlite import cli
@@ -256,3 +258,36 @@ def test_bench_config_plans_for_64_devices_in_under_two_minutes(repo_root):
   assert "64 gpu devices" in out and "FITS" in out and "attention: blockwise" in out
   assert "all-gather           fsdp" in out and "all-reduce           tensor" in out
   assert "model 188.3 TFLOP" in out  # 11.49 GFLOP/token x 8 x 2048 tokens
+
+
+def test_saved_bytes_counts_a_value_once_whatever_its_names():
+  """One input read by three projections, each naming it as its matmul input (as q, k and v
+  do), is kept once; the weights, parameters, not at all."""
+  from jax.ad_checkpoint import checkpoint_name
+
+  from paxlite.costmodel import saved_bytes
+  from paxlite.models.transformer import _REMAT_POLICIES
+
+  def three_projections(ws, x):
+    return sum(jnp.sum(jnp.tanh(checkpoint_name(x, "matmul_inputs") @ checkpoint_name(w, "matmul_inputs")))
+               for w in ws)
+
+  w = (jax.ShapeDtypeStruct((64, 64), jnp.float32),) * 3
+  x = jax.ShapeDtypeStruct((32, 64), jnp.float32)
+  policy = _REMAT_POLICIES["operands_saveable"]
+  matmul_outputs = 3 * 32 * 64 * 4  # kept by the policy as dot outputs (tanh's backward needs them)
+  assert saved_bytes(jax.checkpoint(three_projections, policy=policy), w, x) == 32 * 64 * 4 + matmul_outputs
+
+
+def test_block_kernels_cast_before_the_layers_are_not_a_blocks_residual(tmp_path):
+  """operands_saveable keeps each projection's kernel in compute dtype; when the model hands
+  the block kernels already cast (no pipeline), that copy is counted once per step, not per
+  layer as a residual."""
+  from paxlite.costmodel import block_residual_bytes
+  cfg = small(tmp_path, **{"model.remat": "operands_saveable", "precision.compute": "bfloat16"})
+  m = cfg.model
+  kv = m.num_kv_heads * m.d_model // m.num_heads
+  kernel_bytes = 2 * (2 * m.d_model * m.d_model + 2 * m.d_model * kv + 3 * m.d_model * m.d_ff)  # q o, k v, MLP; bf16
+  per_layer = block_residual_bytes(cfg, rows=2, tensor=1, remat="operands_saveable", kernels_cast=False)
+  cast = block_residual_bytes(cfg, rows=2, tensor=1, remat="operands_saveable", kernels_cast=True)
+  assert per_layer - cast == kernel_bytes

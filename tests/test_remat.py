@@ -91,3 +91,21 @@ def test_operands_saveable_keeps_the_norms_statistics():
 
   assert backward_rsqrts("dots_attention_saveable") > 0
   assert backward_rsqrts("operands_saveable") == 0
+
+
+@pytest.mark.parametrize("remat,hands_on_pairs", [("operands_saveable", True), ("none", True),
+                                                  ("dots_attention_saveable", False), ("full", False)])
+def test_blocks_hand_on_the_sum_where_the_norms_inputs_are_recomputed(remat, hands_on_pairs, monkeypatch):
+  """Blocks hand the next one (x, delta) for its norm to add, where the policy keeps the norms'
+  inputs; otherwise the backward pass would keep both block inputs per layer, so they hand on
+  x + delta, one array, as before the fused norms."""
+  from paxlite.models.transformer import DecoderBlock
+  deltas = []
+  on_stream = DecoderBlock.on_stream
+  monkeypatch.setattr(DecoderBlock, "on_stream",
+                      lambda self, x, delta, *a, **k: deltas.append(delta is not None) or on_stream(self, x, delta, *a, **k))
+  trainer = make_trainer({"model.remat": remat, "model.scan_layers": False}, single_device=True)
+  with trainer.activate():
+    jax.make_jaxpr(trainer._step_fn)(trainer.abstract_state(), jax.ShapeDtypeStruct((16, 33), jnp.int32))
+  # (jax.checkpoint traces a block once per input signature: a later block's call can be cached.)
+  assert deltas[0] is False and any(deltas) == hands_on_pairs  # the first block gets the embeddings alone

@@ -60,6 +60,8 @@ ACTIVATION = ("batch", "length", "act_embed")
 # Remat policies that recompute the whole block in the backward pass from its input (which
 # offload keeps in host memory, full on the device).
 RECOMPUTE_BLOCK = ("full", "offload")
+# Remat settings under which each norm's input (NORM_RESIDUALS) is kept for the backward pass.
+KEEP_NORM_INPUTS = ("none", "operands_saveable")
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -237,9 +239,11 @@ class Transformer(nnx.Module):
 
     layer_state = self._kernels_in_compute_dtype(layer_state)
 
-    # Blocks hand on (x, delta) so that the next norm adds them in its own pass; except under
-    # policies that keep only each block's input, where that would be two arrays, not one.
-    hand_on_sum = self.cfg.remat in RECOMPUTE_BLOCK
+    # Blocks hand on (x, delta) so that the next norm adds them in its own pass, where the
+    # policy keeps each norm's (summed) input for the backward pass. Under the others the
+    # backward pass recomputes the first norm from the block's inputs, which would then be two
+    # arrays to keep per layer instead of one: those blocks hand on the sum.
+    hand_on_sum = self.cfg.remat not in KEEP_NORM_INPUTS
 
     def stream_fn(stream, one_layer_state, positions):
       x, delta = (None if a is None else checkpoint_name(a, LAYER_INPUT) for a in stream)
