@@ -49,7 +49,7 @@ from paxlite.config import MESH_AXES, Config, ConfigError, MeshConfig, ModelConf
 from paxlite.mesh import device_array
 from paxlite.metrics import count_params, flops_per_token, peak_flops_for
 from paxlite.models.build import no_eager_sharding, pipeline_schedule
-from paxlite.models.transformer import _REMAT_POLICIES, LAYER_INPUT, RECOMPUTE_BLOCK, DecoderBlock
+from paxlite.models.transformer import _REMAT_POLICIES, LAYER_INPUT, DecoderBlock, kernels_in_compute_dtype
 from paxlite.numerics import DtypePolicy
 from paxlite.shardings import ShardingTable, explain_sharding
 
@@ -135,6 +135,11 @@ class Estimate:
     return self.compute_s + self.critical_s + max(0.0, self.overlappable_s - self.compute_s)
 
 
+# Remat policies that recompute the whole block in the backward pass (offload keeps its input
+# in host memory, full on the device).
+_RECOMPUTE_BLOCK = ("full", "offload")
+
+
 def _bytes(dtype: Any) -> int:
   return jnp.dtype(dtype).itemsize
 
@@ -167,10 +172,8 @@ def _block_residual_bytes(model: tuple, params_dtype: str, compute_dtype: str, r
     block = nnx.eval_shape(lambda: DecoderBlock(local, param_dtype=policy.param_dtype,
                                                 compute_dtype=policy.compute_dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(block)
-  if kernels_cast:  # as Transformer._kernels_in_compute_dtype hands them to the layers
-    is_kernel = lambda path: any(getattr(key, "key", None) == "kernel" for key in path)
-    state = jax.tree_util.tree_map_with_path(
-        lambda path, a: jax.ShapeDtypeStruct(a.shape, policy.compute_dtype) if is_kernel(path) else a, state)
+  if kernels_cast:  # as Transformer hands them to the layers
+    state = jax.eval_shape(lambda s: kernels_in_compute_dtype(s, policy.compute_dtype), state)
 
   # As Transformer._run_blocks runs each block, on one input array where it may hand on (x,
   # delta): the residuals are the same, each norm keeping its own summed input either way.
@@ -292,7 +295,7 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
     passes = t.grad_accum * iterations * micro_rows * seq * layers / (stages * schedule.repeats)
   attention = 12.0 * d * seq
   recompute = 0.0
-  if m.remat in RECOMPUTE_BLOCK:
+  if m.remat in _RECOMPUTE_BLOCK:
     recompute += (6 * layer_params + attention) / 3
   elif m.remat == "dots_saveable":
     recompute += attention / 3
@@ -313,7 +316,7 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
   # Per layer pass XLA all-reduces 2 activations forward (attention and MLP outputs) and 5
   # backward (the input gradient of each column-parallel projection, q k v gate up, separately),
   # and the attention output again when a full remat recomputes the layer (counted in the HLO).
-  reductions = 7 + (1 if m.remat in RECOMPUTE_BLOCK or schedule is not None else 0)
+  reductions = 7 + (1 if m.remat in _RECOMPUTE_BLOCK or schedule is not None else 0)
   tensor_bytes = passes * d * c * reductions + tokens_dev * d * c * 2
   comm["tensor"] = _ring("all-reduce", tensor, tensor_bytes)
   if schedule is not None:

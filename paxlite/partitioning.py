@@ -107,8 +107,19 @@ def current_rules() -> tuple[tuple[str, tuple[str, ...] | None], ...] | None:
   return _RULES.get()
 
 
-def _mesh_shape(mesh: Any) -> dict[str, int]:
+def mesh_shape(mesh: Any) -> dict[str, int]:
+  """{axis name: size} of a (possibly abstract) mesh."""
   return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
+def activation_spec(names: LogicalNames, shape: Sequence[int]) -> P | None:
+  """The PartitionSpec the current rules give an activation of `shape` named `names` on the
+  current (trace-time) mesh; None with no mesh or no rules set."""
+  rules = _RULES.get()
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh is None or mesh.empty:
+    return None
+  return resolve(names, rules, shape=shape, mesh_shape=mesh_shape(mesh), what=f"activation {tuple(names)}")
 
 
 def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
@@ -120,12 +131,10 @@ def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
   recorded = _RECORDED.get()
   if recorded is not None:
     recorded.append((tuple(names), tuple(x.shape), x.dtype))
-  rules = _RULES.get()
-  mesh = jax.sharding.get_abstract_mesh()
-  if rules is None or mesh is None or mesh.empty:
+  spec = activation_spec(names, x.shape)
+  if spec is None:
     return x
-  spec = resolve(names, rules, shape=x.shape, mesh_shape=_mesh_shape(mesh), what=f"activation {tuple(names)}")
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(jax.sharding.get_abstract_mesh(), spec))
 
 
 @contextlib.contextmanager

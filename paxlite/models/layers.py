@@ -139,8 +139,7 @@ def _norm_on_stream(x, scale, eps, kernel, copies):
 
 
 def _norm_on_stream_fwd(x, scale, eps, kernel, copies):
-  x, y, inv_rms = norm_kernels.add_rms_norm_fwd(x, None, scale, eps, kernel)
-  return (x,) + (y,) * copies, (checkpoint_name(x, NORM_RESIDUALS), checkpoint_name(inv_rms, NORM_RESIDUALS), scale)
+  return _add_norm_on_stream_fwd(x, None, scale, eps, kernel, copies)
 
 
 def _norm_on_stream_bwd(eps, kernel, copies, residuals, cotangents):

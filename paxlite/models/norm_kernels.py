@@ -20,7 +20,6 @@ result beyond float32 reassociation of the sums.
 from __future__ import annotations
 
 import functools
-
 import math
 
 import jax
@@ -30,7 +29,7 @@ from jax.experimental.pallas import triton as pl_triton
 from jax.sharding import PartitionSpec as P
 
 from paxlite.config import ConfigError
-from paxlite.partitioning import current_rules, resolve
+from paxlite.partitioning import activation_spec, mesh_shape
 
 # The activations' logical names, as the decoder constrains them between blocks.
 _ACTIVATION = ("batch", "length", "act_embed")
@@ -68,78 +67,77 @@ def add_rms_norm_fwd(residual, delta, scale, eps: float, kernel: str):
   """(x, y, inv_rms) for [batch, length, d] activations: x = residual + delta (or residual
   when delta is None), y = rms_norm(x) * scale, inv_rms [batch, length] float32. `kernel`:
   "pallas" or "xla" (see `use_pallas`)."""
-  if not use_pallas(kernel, residual.shape):
+  row_axes = _kernel_row_axes(kernel, residual.shape)
+  if row_axes is None:
     return add_rms_norm_fwd_xla(residual, delta, scale, eps)
-  inputs = (residual,) if delta is None else (residual, delta)
 
-  def local(*arrays):
-    *acts, s = arrays
-    b, t, d = acts[0].shape
-    x, y, inv = add_rms_norm_fwd_pallas(*(a.reshape(b * t, d) for a in acts), *((None,) if len(acts) == 1 else ()),
-                                        s, eps, interpret=INTERPRET)
+  def local(r, s, *delta_or_none):
+    b, t, d = r.shape
+    flat = lambda a: a.reshape(b * t, d)
+    x, y, inv = add_rms_norm_fwd_pallas(flat(r), flat(delta_or_none[0]) if delta_or_none else None, s, eps,
+                                        interpret=INTERPRET)
     return x.reshape(b, t, d), y.reshape(b, t, d), inv.reshape(b, t)
 
-  spec = _row_spec(residual.shape)
-  if spec is None:
-    return local(*inputs, scale)
-  acts, rows = P(*spec, None), P(*spec)
-  return jax.shard_map(local, in_specs=(acts,) * len(inputs) + (P(None),), out_specs=(acts, acts, rows),
-                       check_vma=False)(*inputs, scale)
+  inputs = (residual, scale) + (() if delta is None else (delta,))
+  if not any(row_axes):
+    return local(*inputs)
+  acts, rows = _row_specs(row_axes)
+  in_specs = (acts, P(None)) + (() if delta is None else (acts,))
+  return jax.shard_map(local, in_specs=in_specs, out_specs=(acts, acts, rows), check_vma=False)(*inputs)
 
 
 def rms_norm_bwd(dys, x, inv_rms, scale, d_stream, kernel: str):
   """(d_x, d_scale) for [batch, length, d] activations: the norm's input gradient, given its
   output's gradients `dys` (one per consumer of the output, summed here in float32), plus the
   residual stream's gradient `d_stream` (None: nothing), and the scale's gradient (float32)."""
-  if not use_pallas(kernel, x.shape):
+  row_axes = _kernel_row_axes(kernel, x.shape)
+  if row_axes is None:
     return rms_norm_bwd_xla(dys, x, inv_rms, scale, d_stream)
-  parts = len(dys)
-  inputs = (*dys, x, inv_rms, scale) + (() if d_stream is None else (d_stream,))
-  spec = _row_spec(x.shape)
+  split_by = row_axes[0] + row_axes[1]  # the scale's gradient sums over the devices' rows
 
-  def local(*arrays):
-    b, t, d = arrays[parts].shape
+  def local(xx, inv, s, *gradients):
+    b, t, d = xx.shape
     flat = lambda a: a.reshape(b * t, d)
-    g, (xx, inv, s), stream = arrays[:parts], arrays[parts:parts + 3], arrays[parts + 3:]
-    dx, d_scale = rms_norm_bwd_pallas(tuple(flat(a) for a in g), flat(xx), inv.reshape(b * t), s,
-                                      flat(stream[0]) if stream else None, interpret=INTERPRET)
-    mesh_axes = tuple(a for entry in (spec or ()) if entry for a in ((entry,) if isinstance(entry, str) else entry))
-    return dx.reshape(b, t, d), jax.lax.psum(d_scale, mesh_axes) if mesh_axes else d_scale
+    g, stream = (gradients, None) if d_stream is None else (gradients[:-1], flat(gradients[-1]))
+    dx, d_scale = rms_norm_bwd_pallas(tuple(flat(a) for a in g), flat(xx), inv.reshape(b * t), s, stream,
+                                      interpret=INTERPRET)
+    return dx.reshape(b, t, d), jax.lax.psum(d_scale, split_by) if split_by else d_scale
 
-  if spec is None:
+  inputs = (x, inv_rms, scale, *dys) + (() if d_stream is None else (d_stream,))
+  if not split_by:
     return local(*inputs)
-  acts = P(*spec, None)
-  in_specs = (acts,) * (parts + 1) + (P(*spec), P(None)) + ((acts,) if d_stream is not None else ())
+  acts, rows = _row_specs(row_axes)
+  in_specs = (acts, rows, P(None)) + (acts,) * (len(inputs) - 3)
   return jax.shard_map(local, in_specs=in_specs, out_specs=(acts, P(None)), check_vma=False)(*inputs)
 
 
 def use_pallas(kernel: str, shape) -> bool:
-  """Whether the kernels run for activations of `shape` [batch, length, d]: asked for, and
-  each device's rows tile into the kernels' blocks with d unsharded (the statistics are per
-  row). Otherwise the plain-jnp twin runs: same arithmetic, XLA's fusions."""
+  """Whether the kernels run for activations of `shape` [batch, length, d] (see
+  `_kernel_row_axes`); otherwise the plain-jnp twin runs: same arithmetic, XLA's fusions."""
+  return _kernel_row_axes(kernel, shape) is not None
+
+
+def _kernel_row_axes(kernel: str, shape) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+  """The mesh axes that split the batch and the length dimensions of activations of `shape`
+  [batch, length, d] (empty with no mesh), when the kernels take them; None when they do
+  not: not asked for, d sharded (the statistics are per row), or each device's rows not
+  tiling the kernels' blocks."""
   if kernel != "pallas":
-    return False
-  spec = _row_spec(shape)
-  if spec is False:
-    return False
-  mesh_shape = _mesh_shape()
-  split = [math.prod(mesh_shape[a] for a in ((e,) if isinstance(e, str) else e)) if e else 1 for e in (spec or (None, None))]
-  return kernel_fits(shape[0] // split[0] * (shape[1] // split[1]), shape[2])
-
-
-def _mesh_shape() -> dict[str, int]:
-  mesh = jax.sharding.get_abstract_mesh()
-  return {} if mesh is None or mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
-
-
-def _row_spec(shape):
-  """The activations' (batch, length) PartitionSpec entries under the current mesh and rules;
-  None with no mesh (or no rules), False when d is sharded."""
-  rules, mesh_shape = current_rules(), _mesh_shape()
-  if rules is None or not mesh_shape:
     return None
-  spec = tuple(resolve(_ACTIVATION, rules, shape=shape, mesh_shape=mesh_shape)) + (None,) * 3
-  return False if spec[2] is not None else spec[:2]
+  spec = activation_spec(_ACTIVATION, shape)
+  entries = tuple(spec) + (None,) * (3 - len(spec)) if spec is not None else (None,) * 3
+  batch, length, dim = (() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in entries)
+  if dim:
+    return None
+  sizes = mesh_shape(jax.sharding.get_abstract_mesh()) if spec is not None else {}
+  rows = shape[0] // math.prod(sizes[a] for a in batch) * (shape[1] // math.prod(sizes[a] for a in length))
+  return (batch, length) if kernel_fits(rows, shape[2]) else None
+
+
+def _row_specs(row_axes):
+  """PartitionSpecs of [batch, length, d] activations and of [batch, length] statistics."""
+  batch, length = (axes or None for axes in row_axes)
+  return P(batch, length, None), P(batch, length)
 
 
 # --- plain jnp (every backend; the reference the kernels are tested against) -------------

@@ -57,9 +57,6 @@ def _save_dots_attention_and_operands(prim, *args, **params) -> bool:
 LAYER_INPUT = "layer_input"
 # The logical names of the activations between blocks.
 ACTIVATION = ("batch", "length", "act_embed")
-# Remat policies that recompute the whole block in the backward pass from its input (which
-# offload keeps in host memory, full on the device).
-RECOMPUTE_BLOCK = ("full", "offload")
 # Remat settings under which each norm's input (NORM_RESIDUALS) is kept for the backward pass.
 KEEP_NORM_INPUTS = ("none", "operands_saveable")
 
@@ -150,6 +147,16 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) 
   return module
 
 
+def kernels_in_compute_dtype(layer_state: nnx.State, dtype) -> nnx.State:
+  """The projections' stacked kernels cast to compute dtype once, before the layers run.
+  Each projection casts its kernel anyway, so no value changes; but the layers' kernel
+  gradients then leave the loop (the scan's stacking, the unrolled concatenation) in compute
+  dtype, half float32's bytes, and are converted to float32 once, after. Norm scales and fp8
+  state keep their dtypes."""
+  is_kernel = lambda path: any(getattr(key, "key", None) == "kernel" for key in path)
+  return jax.tree_util.tree_map_with_path(lambda path, a: a.astype(dtype) if is_kernel(path) else a, layer_state)
+
+
 class Transformer(nnx.Module):
   """Decoder-only LM: tokens [batch, length] int32 -> logits [batch, length, vocab] float32."""
 
@@ -237,7 +244,7 @@ class Transformer(nnx.Module):
         block_fn = jax.checkpoint(block_fn, policy=policy, prevent_cse=not self.cfg.scan_layers)
       return self._run_pipeline(block_fn, layer_state, x_btd, positions_bt), None
 
-    layer_state = self._kernels_in_compute_dtype(layer_state)
+    layer_state = kernels_in_compute_dtype(layer_state, self.embed.compute_dtype)
 
     # Blocks hand on (x, delta) so that the next norm adds them in its own pass, where the
     # policy keeps each norm's (summed) input for the backward pass. Under the others the
@@ -268,16 +275,6 @@ class Transformer(nnx.Module):
     for i in range(num_layers):
       stream = stream_fn(stream, jax.tree.map(lambda p: p[i][0], pieces, is_leaf=is_pieces), positions_bt)
     return stream
-
-  def _kernels_in_compute_dtype(self, layer_state: nnx.State) -> nnx.State:
-    """The projections' stacked kernels cast to compute dtype once, before the layers run.
-    Each projection casts its kernel anyway, so no value changes; but the layers' kernel
-    gradients then leave the loop (the scan's stacking, the unrolled concatenation) in compute
-    dtype, half float32's bytes, and are converted to float32 once, after. Norm scales and fp8
-    state keep their dtypes."""
-    dtype = self.embed.compute_dtype
-    is_kernel = lambda path: any(getattr(key, "key", None) == "kernel" for key in path)
-    return jax.tree_util.tree_map_with_path(lambda path, a: a.astype(dtype) if is_kernel(path) else a, layer_state)
 
   def _run_pipeline(self, block_fn, layer_state, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
     """The stacked blocks as pipeline stages over the `stage` mesh axis (paxlite.pipeline)."""
