@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from paxlite.models import norm_kernels as nk
 
 
+# (rows per forward program or backward step, rows per backward program, warps). Triton's
+# software pipelining of the backward's loop (num_stages 1 to 4) changed nothing (round 35).
 VARIANTS = [(2, 64, 4), (4, 32, 4), (4, 128, 4), (4, 256, 4), (4, 64, 2), (4, 64, 8), (2, 64, 2), (1, 64, 1)]
 
 
@@ -73,8 +75,8 @@ def main():
     t = timed(reference, inputs, args.reps)
     print(f"{name:34s} {'xla':22s} {t * 1e6:8.1f} {traffic / 1e3 / t:7.0f}")
     expected = reference(*inputs)
-    # (rows per forward program or backward step, rows per backward program, warps); the
-    # module's defaults first.
+    # The module's defaults first (the forward's rows per program there are the backward's).
+    fwd_rows = nk._FWD_ROWS
     defaults = (nk._BWD_ROWS, nk._BWD_PROGRAM_ROWS, nk._NUM_WARPS)
     for rows, program_rows, warps in [defaults] + VARIANTS:
       if name.startswith("forward") and program_rows != defaults[1]:
@@ -89,7 +91,7 @@ def main():
         print(f"{name:34s} {label:22s} {t * 1e6:8.1f} {traffic / 1e3 / t:7.0f} {diff:11.2e}")
       except Exception as e:  # a block shape Triton rejects: report and go on
         print(f"{name:34s} {label:22s} failed: {str(e).splitlines()[0][:80]}")
-    nk._FWD_ROWS, nk._BWD_ROWS = defaults[0], defaults[0]
+    nk._FWD_ROWS, nk._BWD_ROWS = fwd_rows, defaults[0]
     nk._BWD_PROGRAM_ROWS, nk._NUM_WARPS = defaults[1:]
 
 

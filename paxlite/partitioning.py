@@ -122,6 +122,24 @@ def activation_spec(names: LogicalNames, shape: Sequence[int]) -> P | None:
   return resolve(names, rules, shape=shape, mesh_shape=mesh_shape(mesh), what=f"activation {tuple(names)}")
 
 
+def activation_shards(names: LogicalNames, shape: Sequence[int]) -> tuple[int, ...]:
+  """How many ways the current rules split each dimension of an activation of `shape` named
+  `names` on the current mesh (all 1 with no mesh or no rules). Axes of size 1 split nothing,
+  though the PartitionSpec still names them."""
+  spec = activation_spec(names, shape)
+  if spec is None:
+    return (1,) * len(shape)
+  sizes = mesh_shape(jax.sharding.get_abstract_mesh())
+  return tuple(split_ways(spec, dim, sizes) for dim in range(len(shape)))
+
+
+def split_ways(spec: P, dim: int, sizes: dict[str, int]) -> int:
+  """How many ways `spec` splits dimension `dim` on a mesh of axis `sizes`."""
+  entry = spec[dim] if dim < len(spec) else None
+  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  return math.prod(sizes[a] for a in axes)
+
+
 def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
   """Sharding constraint on an activation by logical names; a no-op with no mesh or rules set.
 

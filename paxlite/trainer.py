@@ -29,8 +29,9 @@ from paxlite.faults import LoopCounters, NonFiniteError, StopSignals, guard_upda
 from paxlite.mesh import describe, make_mesh
 from paxlite.metrics import MetricsWriter, Progress, Timer, flops_per_token, peak_flops_for
 from paxlite.models.build import ModelFn, default_model_fn, init_params, layout_model, pipeline_schedule
+from paxlite.models.transformer import LOGITS
 from paxlite.numerics import LossScaler, update_histories
-from paxlite.partitioning import axis_rules, constrain, resolve
+from paxlite.partitioning import activation_shards, axis_rules, constrain, resolve, split_ways
 
 
 def opt_state_like(abstract_opt: Any, param_shapes: Any, params_like: Any, other: Any) -> Any:
@@ -58,10 +59,41 @@ def lr_schedule(cfg: Config) -> Callable[[jax.Array], jax.Array]:
   return schedule
 
 
-def make_optimizer(cfg: Config, logical_names: dict) -> optax.GradientTransformation:
+def global_norm(grads: Any, per_layer: Any) -> jax.Array:
+  """The L2 norm of all of `grads`, as optax.tree.norm, except that a leaf whose `per_layer`
+  entry is True (a leading axis of layers, the whole leaf on every device) is summed layer by
+  layer. With unrolled layers such a gradient is the concatenation of the layers' own: XLA
+  reduces a concatenation element by element through a choice among its 24 operands, at
+  half the memory bandwidth (0.5 ms per MLP kernel on an H100 where its bytes take 0.27;
+  benchmarks/RESULTS.md, round 30), while a slice of one is that layer's gradient itself."""
+
+  def squares(g, by_layer):
+    if by_layer and g.shape[0] > 1:
+      return sum(jnp.sum(jnp.square(layer)) for layer in jax.lax.split(g, (1,) * g.shape[0]))
+    return jnp.sum(jnp.square(g))
+
+  return jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(squares, grads, per_layer))))
+
+
+def clip_by_global_norm(max_norm: float, per_layer: Any) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm with the norm of `global_norm`: the same arithmetic."""
+
+  def update(updates, state, params=None):
+    del params
+    norm = global_norm(updates, per_layer)
+    keep = norm < max_norm
+    return jax.tree.map(lambda g: jax.lax.select(keep, g, (g / norm.astype(g.dtype)) * max_norm), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def make_optimizer(cfg: Config, logical_names: dict, per_layer: Any = None) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; no weight decay on vectors (norm scales) and, unless
-  train.decay_embeddings, on the token embedding table."""
+  train.decay_embeddings, on the token embedding table. `per_layer`: see `global_norm`
+  (default: no leaf summed by layer)."""
   t = cfg.train
+  if per_layer is None:
+    per_layer = jax.tree.map(lambda _: False, logical_names, is_leaf=lambda x: isinstance(x, tuple))
 
   def decays(names):
     if len(names) < 2:
@@ -70,7 +102,7 @@ def make_optimizer(cfg: Config, logical_names: dict) -> optax.GradientTransforma
     return t.decay_embeddings or not is_embedding
 
   mask = jax.tree.map(decays, logical_names, is_leaf=lambda x: isinstance(x, tuple))
-  parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
+  parts = [clip_by_global_norm(t.grad_clip, per_layer)] if t.grad_clip > 0 else []
   parts.append(optax.adamw(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=mask))
   return optax.chain(*parts)
 
@@ -90,7 +122,10 @@ def log_z_and_target_logit(logits_btv: jax.Array, targets_bt: jax.Array) -> tupl
 
 def _log_z_and_target_logit_fwd(logits_btv, targets_bt):
   logits32 = logits_btv.astype(jnp.float32)
-  log_z_bt = jax.nn.logsumexp(logits32, axis=-1)
+  # Over a vocabulary split between devices, each device's partial pair would have to be
+  # merged by this reduction's own function: XLA's all-reduces take sums and maxima only.
+  vocab_split = activation_shards(LOGITS, logits_btv.shape)[-1] > 1
+  log_z_bt = jax.nn.logsumexp(logits32, axis=-1) if vocab_split else logsumexp_one_pass(logits32)
   target_logit_bt = jnp.take_along_axis(logits32, targets_bt[..., None], axis=-1)[..., 0]
   return (log_z_bt, target_logit_bt), (logits_btv, targets_bt, log_z_bt)
 
@@ -105,6 +140,26 @@ def _log_z_and_target_logit_bwd(residuals, cotangents):
 
 
 log_z_and_target_logit.defvjp(_log_z_and_target_logit_fwd, _log_z_and_target_logit_bwd)
+
+
+def logsumexp_one_pass(x: jax.Array) -> jax.Array:
+  """logsumexp over the last axis, reading `x` once: one reduction of running (max, sum of
+  exp(x - max)) pairs. jax.nn.logsumexp takes the max first and then the sum, two passes over
+  the [tokens, vocab] logits: 0.57 + 0.73 ms per step for the 1.7B model's 16k x 50k on an
+  H100, against 1.11 ms for this one (benchmarks/RESULTS.md, rounds 33-34; an exp and four
+  selects per element keep it under the memory's speed)."""
+
+  def merge(a, b):
+    (max_a, sum_a), (max_b, sum_b) = a, b
+    a_big = max_a >= max_b
+    big, small = jnp.where(a_big, max_a, max_b), jnp.where(a_big, max_b, max_a)
+    # One exp per merge: the larger max's sum needs no rescaling.
+    return big, jnp.where(a_big, sum_a, sum_b) + jnp.where(a_big, sum_b, sum_a) * jnp.exp(small - big)
+
+  # The lowest finite float as the empty max: merging two empty pairs gives exp(0) * 0, not NaN.
+  lowest = jnp.array(jnp.finfo(x.dtype).min, x.dtype)
+  maxima, sums = jax.lax.reduce((x, jnp.ones_like(x)), (lowest, jnp.zeros((), x.dtype)), merge, (x.ndim - 1,))
+  return maxima + jnp.log(sums)
 
 
 def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, z_loss: float) -> tuple[jax.Array, jax.Array]:
@@ -138,7 +193,12 @@ class Trainer:
     self.param_shapes = self.layout.shapes
     self.num_params = self.layout.num_params
 
-    self.tx = make_optimizer(cfg, self.logical_names)
+    # Gradients summed layer by layer for their norm (see global_norm): stacked layers whole on
+    # every device. A split leaf's per-layer partial sums would each need an all-reduce.
+    whole = lambda spec: all(split_ways(spec, d, dict(self.mesh.shape)) == 1 for d in range(len(spec)))
+    self.per_layer = jax.tree.map(lambda names, spec: names[:1] == ("layers",) and whole(spec),
+                                  self.logical_names, self.param_specs, is_leaf=lambda x: isinstance(x, tuple))
+    self.tx = make_optimizer(cfg, self.logical_names, self.per_layer)
     self.lr_schedule = lr_schedule(cfg)
     param_shardings = self.layout.shardings(self.mesh)
     replicated = NamedSharding(self.mesh, P())
@@ -265,7 +325,7 @@ class Trainer:
       nll = nll_sum / accum
     if loss_scale is not None:
       grads = jax.tree.map(lambda g: g / loss_scale.astype(g.dtype), grads)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = global_norm(grads, self.per_layer)
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
     finite = is_finite(nll, grad_norm)  # train.on_nan: a non-finite update is never applied

@@ -92,8 +92,9 @@ def test_unrolled_layers_match_scan(mesh_runs):
 
 def test_unrolled_layers_gradients_are_one_concatenation_per_stacked_array():
   """Each stacked parameter's gradient is one concatenation of its layers' gradients, not a
-  sum of zero-padded per-layer arrays (what slicing each layer out would give); the
-  projections' kernel gradients are concatenated in compute dtype, float32 only afterwards."""
+  sum of zero-padded per-layer arrays (what slicing each layer out would give); each layer's
+  kernels are cast after the split, so their gradients are converted before it; the gradient
+  norm (clipping's and the metric's) sums the stacked gradients layer by layer."""
   import re
 
   import jax.numpy as jnp
@@ -104,10 +105,10 @@ def test_unrolled_layers_gradients_are_one_concatenation_per_stacked_array():
     jaxpr = str(jax.make_jaxpr(trainer._step_fn)(trainer.abstract_state(), batch))
   assert " pad[" not in jaxpr
   stacked = len(jax.tree.leaves(trainer.param_shapes["blocks"]))
-  assert jaxpr.count("split[axis=0 sizes=(1, 1)]") == stacked  # SMALL has 2 layers
+  assert jaxpr.count("split[axis=0 sizes=(1, 1)]") == 3 * stacked  # SMALL has 2 layers
   assert jaxpr.count("concatenate[dimension=0]") >= stacked
-  kernels = 7  # q, k, v, o, gate, up, down
-  assert len(re.findall(r"bf16\[2,[0-9,]+\] = concatenate\[dimension=0\]", jaxpr)) == kernels
+  # Every stacked gradient, the 7 kernels' included, is concatenated in float32.
+  assert len(re.findall(r"f32\[2,[0-9,]+\] = concatenate\[dimension=0\]", jaxpr)) == stacked
 
 
 def test_tied_embeddings_and_z_loss_train():
@@ -143,6 +144,43 @@ def test_weight_decay_skips_norms_and_embedding():
   assert float(np.abs(updates["final_norm"]["scale"]).max()) == 0.0
   assert float(np.abs(updates["embed"]["embedding"]).max()) == 0.0
   assert float(np.abs(updates["head"]["kernel"]).max()) > 0.0
+
+
+def test_global_norm_summed_by_layer_is_optaxs():
+  import optax
+
+  from paxlite.trainer import clip_by_global_norm, global_norm
+
+  k1, k2 = jax.random.split(jax.random.key(0))
+  grads = {"stacked": jax.random.normal(k1, (3, 4, 5)), "flat": jax.random.normal(k2, (7,))}
+  per_layer = {"stacked": True, "flat": False}
+  np.testing.assert_allclose(global_norm(grads, per_layer), optax.tree.norm(grads), rtol=1e-6)
+  ours, theirs = clip_by_global_norm(1.0, per_layer), optax.clip_by_global_norm(1.0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               ours.update(grads, ours.init(grads))[0], theirs.update(grads, theirs.init(grads))[0])
+
+
+def test_logsumexp_reads_the_logits_once():
+  """The loss's logsumexp is one reduction over the vocabulary (jax.nn.logsumexp's is two:
+  the max, then the sum) and agrees with it, rows of -inf and +inf included."""
+  import jax.numpy as jnp
+
+  from paxlite.trainer import logsumexp_one_pass
+
+  x = 30.0 * jax.random.normal(jax.random.key(1), (4, 8, 1000), jnp.float32)
+  x = x.at[0, 0].set(-jnp.inf).at[0, 1, 7].set(jnp.inf).at[0, 2, :500].set(-jnp.inf)
+  np.testing.assert_allclose(logsumexp_one_pass(x), jax.nn.logsumexp(x, axis=-1), rtol=1e-6)
+  assert jax.jit(logsumexp_one_pass).lower(x).as_text().count("stablehlo.reduce") == 1
+
+
+@pytest.mark.parametrize("mesh,one_pass", [({"mesh.data": 2, "mesh.fsdp": 4}, True), ({"mesh.tensor": 2}, False)])
+def test_the_train_steps_loss_takes_one_pass_unless_the_vocabulary_is_split(mesh, one_pass):
+  """One device's logits whole (mesh axes of size 1 split nothing): the one-pass reduction.
+  Split over tensor: XLA's own max and sum, which its all-reduces can combine."""
+  trainer = make_trainer(mesh)
+  with trainer.activate():
+    jaxpr = str(jax.make_jaxpr(trainer._step_fn)(trainer.abstract_state(), jax.ShapeDtypeStruct((16, 33), np.int32)))
+  assert jaxpr.count(" reduce[") == int(one_pass)
 
 
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])

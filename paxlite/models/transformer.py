@@ -57,6 +57,8 @@ def _save_dots_attention_and_operands(prim, *args, **params) -> bool:
 LAYER_INPUT = "layer_input"
 # The logical names of the activations between blocks.
 ACTIVATION = ("batch", "length", "act_embed")
+# The logits' logical names (the loss reads them in this layout).
+LOGITS = ("batch", "length", "act_vocab")
 # Remat settings under which each norm's input (NORM_RESIDUALS) is kept for the backward pass.
 KEEP_NORM_INPUTS = ("none", "operands_saveable")
 
@@ -148,11 +150,12 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) 
 
 
 def kernels_in_compute_dtype(layer_state: nnx.State, dtype) -> nnx.State:
-  """The projections' stacked kernels cast to compute dtype once, before the layers run.
-  Each projection casts its kernel anyway, so no value changes; but the layers' kernel
-  gradients then leave the loop (the scan's stacking, the unrolled concatenation) in compute
-  dtype, half float32's bytes, and are converted to float32 once, after. Norm scales and fp8
-  state keep their dtypes."""
+  """The projections' kernels cast to compute dtype once per step, before the blocks use them:
+  the stacked kernels before a scan, each layer's after the split when unrolled. Each
+  projection casts its kernel anyway, so no value changes; but the scan's stacked kernel
+  gradients then leave the loop in compute dtype, half float32's bytes, and are converted to
+  float32 once, after (unrolled, each layer's gradient is converted as the optimizer's pass
+  reads it). Norm scales and fp8 state keep their dtypes."""
   is_kernel = lambda path: any(getattr(key, "key", None) == "kernel" for key in path)
   return jax.tree_util.tree_map_with_path(lambda path, a: a.astype(dtype) if is_kernel(path) else a, layer_state)
 
@@ -228,7 +231,7 @@ class Transformer(nnx.Module):
     else:
       _, (x_btd,) = self.final_norm.add_and_norm(x_btd, delta_btd)
     logits_btv = self.embed.attend(x_btd) if self.cfg.tie_embeddings else self.head(x_btd)
-    return constrain(logits_btv.astype(jnp.float32), ("batch", "length", "act_vocab"))
+    return constrain(logits_btv.astype(jnp.float32), LOGITS)
 
   def _run_blocks(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """The decoder blocks on the embeddings: the residual stream as (x, delta), x + delta the
@@ -244,7 +247,7 @@ class Transformer(nnx.Module):
         block_fn = jax.checkpoint(block_fn, policy=policy, prevent_cse=not self.cfg.scan_layers)
       return self._run_pipeline(block_fn, layer_state, x_btd, positions_bt), None
 
-    layer_state = kernels_in_compute_dtype(layer_state, self.embed.compute_dtype)
+    compute_dtype = self.embed.compute_dtype
 
     # Blocks hand on (x, delta) so that the next norm adds them in its own pass, where the
     # policy keeps each norm's (summed) input for the backward pass. Under the others the
@@ -263,17 +266,22 @@ class Transformer(nnx.Module):
     if self.cfg.scan_layers:
       # A scan's carry keeps one structure: the first block adds a zero delta.
       stream = (x_btd, None if hand_on_sum else jnp.zeros_like(x_btd))
+      layer_state = kernels_in_compute_dtype(layer_state, compute_dtype)
       stream, _ = jax.lax.scan(lambda s, layer: (stream_fn(s, layer, positions_bt), None), stream, layer_state)
       return stream
     # One split per stacked array, not a slice per layer: the gradient of a split is one
     # concatenation of the layers' gradients, where 24 slices' gradients are 24 zero-padded
     # arrays that XLA sums element by element (~15 ms per step on the 1.7B model, round 13).
+    # Each layer's kernels are cast after the split, so that the stacked gradient is the
+    # concatenation of the layers' own (converted) gradients, which a slice of it (the
+    # trainer's per-layer gradient norm) reads directly.
     num_layers = self.cfg.num_layers
     pieces = jax.tree.map(lambda a: jax.lax.split(a, (1,) * num_layers, axis=0), layer_state)
     is_pieces = lambda x: isinstance(x, list)
     stream = (x_btd, None)
     for i in range(num_layers):
-      stream = stream_fn(stream, jax.tree.map(lambda p: p[i][0], pieces, is_leaf=is_pieces), positions_bt)
+      layer = kernels_in_compute_dtype(jax.tree.map(lambda p: p[i][0], pieces, is_leaf=is_pieces), compute_dtype)
+      stream = stream_fn(stream, layer, positions_bt)
     return stream
 
   def _run_pipeline(self, block_fn, layer_state, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
