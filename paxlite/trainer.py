@@ -193,11 +193,13 @@ class Trainer:
     self.param_shapes = self.layout.shapes
     self.num_params = self.layout.num_params
 
-    # Gradients summed layer by layer for their norm (see global_norm): stacked layers whole on
-    # every device. A split leaf's per-layer partial sums would each need an all-reduce.
+    # Gradients summed layer by layer for their norm (see global_norm): unrolled layers' stacked
+    # gradients (a scan stacks its own in place: nothing to gain there), whole on every device
+    # (a split leaf's per-layer partial sums would each need an all-reduce).
     whole = lambda spec: all(split_ways(spec, d, dict(self.mesh.shape)) == 1 for d in range(len(spec)))
-    self.per_layer = jax.tree.map(lambda names, spec: names[:1] == ("layers",) and whole(spec),
-                                  self.logical_names, self.param_specs, is_leaf=lambda x: isinstance(x, tuple))
+    self.per_layer = jax.tree.map(
+        lambda names, spec: not cfg.model.scan_layers and names[:1] == ("layers",) and whole(spec),
+        self.logical_names, self.param_specs, is_leaf=lambda x: isinstance(x, tuple))
     self.tx = make_optimizer(cfg, self.logical_names, self.per_layer)
     self.lr_schedule = lr_schedule(cfg)
     param_shardings = self.layout.shardings(self.mesh)

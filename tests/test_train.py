@@ -109,6 +109,9 @@ def test_unrolled_layers_gradients_are_one_concatenation_per_stacked_array():
   assert jaxpr.count("concatenate[dimension=0]") >= stacked
   # Every stacked gradient, the 7 kernels' included, is concatenated in float32.
   assert len(re.findall(r"f32\[2,[0-9,]+\] = concatenate\[dimension=0\]", jaxpr)) == stacked
+  assert sum(jax.tree.leaves(trainer.per_layer)) == stacked
+  # A scan stacks its gradients in place: no concatenation, no per-layer sums.
+  assert not any(jax.tree.leaves(make_trainer({"precision.compute": "bfloat16"}, jax.devices()[:1]).per_layer))
 
 
 def test_tied_embeddings_and_z_loss_train():
