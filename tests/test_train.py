@@ -177,10 +177,15 @@ def test_logsumexp_reads_the_logits_once():
 
 
 @pytest.mark.parametrize("mesh,one_pass", [({"mesh.data": 2, "mesh.fsdp": 4}, True), ({"mesh.tensor": 2}, False)])
-def test_the_train_steps_loss_takes_one_pass_unless_the_vocabulary_is_split(mesh, one_pass):
-  """One device's logits whole (mesh axes of size 1 split nothing): the one-pass reduction.
-  Split over tensor: XLA's own max and sum, which its all-reduces can combine."""
+def test_the_train_steps_loss_takes_one_pass_unless_the_vocabulary_is_split(mesh, one_pass, monkeypatch):
+  """On a GPU (the step traced as for one): each device's logits whole (mesh axes of size 1
+  split nothing), the one-pass reduction; split over tensor, XLA's own max and sum, which its
+  all-reduces can combine. On a CPU, XLA's two passes, always."""
   trainer = make_trainer(mesh)
+  with trainer.activate():
+    jaxpr = str(jax.make_jaxpr(trainer._step_fn)(trainer.abstract_state(), jax.ShapeDtypeStruct((16, 33), np.int32)))
+  assert " reduce[" not in jaxpr
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   with trainer.activate():
     jaxpr = str(jax.make_jaxpr(trainer._step_fn)(trainer.abstract_state(), jax.ShapeDtypeStruct((16, 33), np.int32)))
   assert jaxpr.count(" reduce[") == int(one_pass)
