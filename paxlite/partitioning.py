@@ -129,15 +129,18 @@ def activation_shards(names: LogicalNames, shape: Sequence[int]) -> tuple[int, .
   spec = activation_spec(names, shape)
   if spec is None:
     return (1,) * len(shape)
-  sizes = mesh_shape(jax.sharding.get_abstract_mesh())
-  return tuple(split_ways(spec, dim, sizes) for dim in range(len(shape)))
+  return split_ways(spec, len(shape), mesh_shape(jax.sharding.get_abstract_mesh()))
 
 
-def split_ways(spec: P, dim: int, sizes: dict[str, int]) -> int:
-  """How many ways `spec` splits dimension `dim` on a mesh of axis `sizes`."""
-  entry = spec[dim] if dim < len(spec) else None
-  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-  return math.prod(sizes[a] for a in axes)
+def spec_axes(spec: P, rank: int) -> list[tuple[str, ...]]:
+  """The mesh axes of each of `rank` dimensions under `spec` (() for replicated)."""
+  entries = list(spec) + [None] * (rank - len(spec))
+  return [() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in entries]
+
+
+def split_ways(spec: P, rank: int, sizes: dict[str, int]) -> tuple[int, ...]:
+  """How many ways `spec` splits each of `rank` dimensions on a mesh of axis `sizes`."""
+  return tuple(math.prod(sizes[a] for a in axes) for axes in spec_axes(spec, rank))
 
 
 def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:

@@ -24,14 +24,8 @@ from jax.sharding import PartitionSpec as P
 from paxlite.config import MESH_AXES, Config
 from paxlite.mesh import dcn_sizes, mesh_sizes
 from paxlite.models.build import ModelFn, ModelLayout, default_model_fn, is_spec, layout_model
-from paxlite.partitioning import LogicalNames, format_rules, path_str, record_constraints, resolve
+from paxlite.partitioning import LogicalNames, format_rules, path_str, record_constraints, resolve, spec_axes
 from paxlite.trainer import make_optimizer, opt_state_like
-
-
-def _spec_axes(spec: P, rank: int) -> list[tuple[str, ...]]:
-  """The mesh axes of each of `rank` dimensions (() for replicated)."""
-  entries = list(spec) + [None] * (rank - len(spec))
-  return [() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in entries]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +55,7 @@ class ArrayLayout:
 
 def _array_layout(name: str, logical: Sequence[str | None], spec: P, shape: Sequence[int], dtype: Any,
                   mesh_shape: dict[str, int]) -> ArrayLayout:
-  axes = _spec_axes(spec, len(shape))
+  axes = spec_axes(spec, len(shape))
   local = tuple(d // math.prod(mesh_shape[a] for a in dim_axes) for d, dim_axes in zip(shape, axes))
   splitting = tuple("+".join(a for a in dim_axes if mesh_shape[a] > 1) or "-" for dim_axes in axes)
   return ArrayLayout(name, tuple(logical), spec, splitting, tuple(shape), local, np.dtype(dtype).name)

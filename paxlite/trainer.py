@@ -10,6 +10,7 @@ state is an ordinary pytree for optax, Orbax and jit donation.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -198,7 +199,7 @@ class Trainer:
     # Gradients summed layer by layer for their norm (see global_norm): unrolled layers' stacked
     # gradients (a scan stacks its own in place: nothing to gain there), whole on every device
     # (a split leaf's per-layer partial sums would each need an all-reduce).
-    whole = lambda spec: all(split_ways(spec, d, dict(self.mesh.shape)) == 1 for d in range(len(spec)))
+    whole = lambda spec: math.prod(split_ways(spec, len(spec), dict(self.mesh.shape))) == 1
     self.per_layer = jax.tree.map(
         lambda names, spec: not cfg.model.scan_layers and names[:1] == ("layers",) and whole(spec),
         self.logical_names, self.param_specs, is_leaf=lambda x: isinstance(x, tuple))

@@ -20,7 +20,6 @@ result beyond float32 reassociation of the sums.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ from jax.experimental.pallas import triton as pl_triton
 from jax.sharding import PartitionSpec as P
 
 from paxlite.config import ConfigError
-from paxlite.partitioning import activation_spec, mesh_shape
+from paxlite.partitioning import activation_spec, mesh_shape, spec_axes, split_ways
 
 # The activations' logical names, as the decoder constrains them between blocks.
 _ACTIVATION = ("batch", "length", "act_embed")
@@ -125,12 +124,12 @@ def _kernel_row_axes(kernel: str, shape) -> tuple[tuple[str, ...], tuple[str, ..
   if kernel != "pallas":
     return None
   spec = activation_spec(_ACTIVATION, shape)
-  entries = tuple(spec) + (None,) * (3 - len(spec)) if spec is not None else (None,) * 3
-  batch, length, dim = (() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in entries)
+  spec = P() if spec is None else spec
+  batch, length, dim = spec_axes(spec, 3)
   if dim:
     return None
-  sizes = mesh_shape(jax.sharding.get_abstract_mesh()) if spec is not None else {}
-  rows = shape[0] // math.prod(sizes[a] for a in batch) * (shape[1] // math.prod(sizes[a] for a in length))
+  ways = split_ways(spec, 3, mesh_shape(jax.sharding.get_abstract_mesh()) if batch or length else {})
+  rows = shape[0] // ways[0] * (shape[1] // ways[1])
   return (batch, length) if kernel_fits(rows, shape[2]) else None
 
 
