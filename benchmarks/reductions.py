@@ -2,41 +2,57 @@
 bytes it must read:
 
 - the loss's logsumexp over [16384, 50304] bf16 logits: jax.nn.logsumexp (a max, then a sum:
-  two passes) against paxlite.trainer.logsumexp_one_pass (one reduction of (max, sum) pairs);
+  two passes) against the Pallas kernel of paxlite.loss_kernels (one pass, which also picks up
+  the targets' logits), over its rows per program, chunk and warps (--sweep; GPU only). Rounds
+  33-34 timed a one-pass XLA reduction of (max, sum) pairs here: 1.11 ms on an H100;
 - the gradients' global norm over one stacked kernel's gradient, which in the unrolled step is
   the concatenation of 24 layers' [8192, 2048] bf16 pieces (round 30's profile: 0.5 ms on an
   H100 where the bytes take 0.27): over the concatenation as optax.tree.norm sums it, per
   layer first (axis 0 kept), and per piece (the reduction never sees the concatenation).
 
-  PYTHONPATH=. python benchmarks/reductions.py [--reps 100]
+  PYTHONPATH=. python benchmarks/reductions.py [--reps 100] [--sweep]
 """
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 from norm_kernels import timed  # this folder's: the script's own directory is on sys.path
 
-from paxlite.trainer import logsumexp_one_pass
+from paxlite.loss_kernels import CHUNK, NUM_WARPS, ROWS, log_z_and_target_logit_pallas
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--reps", type=int, default=100)
   parser.add_argument("--layers", type=int, default=24)
+  parser.add_argument("--sweep", action="store_true", help="time the loss kernel's block sizes too")
   args = parser.parse_args()
   keys = jax.random.split(jax.random.key(0), args.layers + 1)
 
   logits = (4 * jax.random.normal(keys[0], (16384, 50304), jnp.float32)).astype(jnp.bfloat16)
   two = jax.jit(lambda x: jax.nn.logsumexp(x.astype(jnp.float32), axis=-1))
-  one = jax.jit(lambda x: logsumexp_one_pass(x.astype(jnp.float32)))
   gb = logits.size * 2 / 1e9
-  diff = float(jnp.max(jnp.abs(two(logits) - one(logits))))
-  rows = []
-  for name, f in (("logsumexp, jax.nn (two passes)", two), ("logsumexp, one pass", one)):
-    t = timed(f, (logits,), args.reps)
-    rows.append((name, t, gb / t))
+  t = timed(two, (logits,), args.reps)
+  rows = [("logsumexp, jax.nn (two passes)", t, gb / t)]
+  if jax.default_backend() == "gpu":
+    targets = jax.random.randint(keys[1], logits.shape[:1], 0, logits.shape[1])
+    want = two(logits)
+    settings = [(ROWS, CHUNK, NUM_WARPS)]
+    if args.sweep:
+      settings += [(r, c, w) for r in (1, 2, 4) for c in (1024, 2048, 4096) for w in (4, 8)
+                   if (r, c, w) != settings[0]]
+    for r, c, w in settings:
+      kernel = jax.jit(functools.partial(log_z_and_target_logit_pallas, rows=r, chunk=c, num_warps=w))
+      try:
+        t = timed(kernel, (logits, targets), args.reps)
+      except Exception as e:  # a block too large for the registers: report it, go on
+        rows.append((f"Pallas rows {r} chunk {c} warps {w}: {type(e).__name__}", float("nan"), float("nan")))
+        continue
+      err = float(jnp.max(jnp.abs(kernel(logits, targets)[0] - want)))
+      rows.append((f"Pallas rows {r} chunk {c} warps {w} (err {err:.1e})", t, gb / t))
   del logits
 
   pieces = [jax.random.normal(k, (8192, 2048), jnp.float32).astype(jnp.bfloat16) for k in keys[1:]]
@@ -58,7 +74,7 @@ def main():
   print(f"{'reduction':<58} {'ms':>7} {'GB/s':>7}")
   for name, t, rate in rows:
     print(f"{name:<58} {t * 1e3:>7.3f} {rate:>7.0f}")
-  print(f"largest logsumexp difference {diff:.2e}; sums of squares {values}")
+  print(f"sums of squares {values}")
 
 
 if __name__ == "__main__":

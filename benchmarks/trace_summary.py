@@ -1,7 +1,8 @@
 """Where a step's GPU time goes: reads a jax.profiler trace (the *.trace.json.gz that
 `hlo_report.py --trace` writes) and prints, for each device, the kernel time per step by kind
-(GEMM, attention, copies, collectives, other fusions), the busy and idle time, and the top
-kernels of the first device.
+(GEMM, attention, copies, collectives, other fusions), the busy and idle time, where the idle
+time sits (gaps by size, the longest with the kernels either side) and the top kernels of the
+first device.
 
   python benchmarks/trace_summary.py OUT/trace [--steps 3] [--top 25]
 
@@ -55,11 +56,42 @@ def union_us(events: list[dict]) -> tuple[float, float, float]:
   return busy, spans[0][0], max(stop for _, stop in spans)
 
 
+GAP_BUCKETS_US = (2, 5, 20, 100, 1000, float("inf"))
+
+
+def gaps_us(events: list[dict]) -> list[tuple[float, str, str]]:
+  """Each stretch with no kernel running, as (length, kernel before, kernel after)."""
+  spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events)
+  gaps, end, last = [], spans[0][1], spans[0][2]
+  for start, stop, name in spans[1:]:
+    if start > end:
+      gaps.append((start - end, last, name))
+    if stop > end:
+      end, last = stop, name
+  return gaps
+
+
+def print_gaps(events: list[dict], steps: int, longest: int) -> None:
+  """Idle time by gap length: many short gaps are launch overhead between kernels (what CUDA
+  graphs remove); a few long ones are the host (dispatch, a transfer) or a step's boundary."""
+  gaps = gaps_us(events)
+  print(f"  kernels per step {len(events) // steps}, gaps per step {len(gaps) // steps}; idle by gap length:")
+  low = 0.0
+  for high in GAP_BUCKETS_US:
+    inside = [g for g, _, _ in gaps if low < g <= high]
+    label = f"{low:g}-{high:g} us" if high != float("inf") else f"> {low:g} us"
+    print(f"    {label:<14} {len(inside) / steps:8.1f} per step {sum(inside) / 1000 / steps:8.3f} ms")
+    low = high
+  for length, before, after in sorted(gaps, reverse=True)[:longest]:
+    print(f"    {length / 1000:7.3f} ms after {before[:60]} before {after[:60]}")
+
+
 def main() -> int:
   parser = argparse.ArgumentParser()
   parser.add_argument("trace_dir")
   parser.add_argument("--steps", type=int, default=3, help="steps the trace holds (default 3)")
   parser.add_argument("--top", type=int, default=25)
+  parser.add_argument("--gaps", type=int, default=8, help="longest gaps to list per device")
   args = parser.parse_args()
 
   kernels = load(args.trace_dir)
@@ -80,6 +112,7 @@ def main() -> int:
       by_kind[kind_of(e["name"])] += e["dur"]
     for kind, us in by_kind.most_common():
       print(f"  {kind:<14} {ms(us):8.1f} ms")
+    print_gaps(events, args.steps, args.gaps)
 
   per_kernel, calls = collections.Counter(), collections.Counter()
   first_device = by_device[min(by_device)]

@@ -219,6 +219,10 @@ class TrainConfig:
   """Global gradient-norm clipping threshold; 0 disables it."""
   z_loss: float = 0.0
   """Weight of the z-loss (log-partition squared) added to the cross-entropy."""
+  loss_kernel: str = "auto"
+  """The loss's pass over the logits (logsumexp and the targets' logits): auto (pallas on GPU,
+  else xla) | xla (XLA's fusions: a max, then a sum, over the logits) | pallas (one Pallas
+  kernel reading them once; GPU only; where the vocabulary is split over devices, xla)."""
   log_every: int = 10
   """Steps between metric lines."""
   on_nan: str = "skip"
@@ -618,6 +622,7 @@ def validate(cfg: Config) -> None:
   _positive("train.lr", t.lr)
   for name in ("warmup_steps", "weight_decay", "grad_clip", "z_loss", "eps"):
     _positive(f"train.{name}", getattr(t, name), allow_zero=True)
+  _choice("train.loss_kernel", t.loss_kernel, ("auto", "xla", "pallas"))
   if not 0.0 <= t.min_lr_ratio <= 1.0:
     raise ConfigError(f"train.min_lr_ratio: expected a number in [0, 1], got {t.min_lr_ratio}")
   for name in ("b1", "b2"):

@@ -10,6 +10,7 @@ state is an ordinary pytree for optax, Orbax and jit donation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
@@ -23,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from paxlite import data as data_lib
+from paxlite import loss_kernels
 from paxlite.checkpoint import Checkpointer, CheckpointError, abstract_like
 from paxlite.compile_cache import count_cache_hits, use_compile_cache
 from paxlite.config import Config, ConfigError
@@ -30,9 +32,9 @@ from paxlite.faults import LoopCounters, NonFiniteError, StopSignals, guard_upda
 from paxlite.mesh import describe, make_mesh
 from paxlite.metrics import MetricsWriter, Progress, Timer, flops_per_token, peak_flops_for
 from paxlite.models.build import ModelFn, default_model_fn, init_params, layout_model, pipeline_schedule
-from paxlite.models.transformer import LOGITS
+from paxlite.models.transformer import LOGITS, Transformer
 from paxlite.numerics import LossScaler, update_histories
-from paxlite.partitioning import activation_shards, axis_rules, constrain, resolve, split_ways
+from paxlite.partitioning import axis_rules, constrain, resolve, split_ways
 
 
 def opt_state_like(abstract_opt: Any, param_shapes: Any, params_like: Any, other: Any) -> Any:
@@ -108,9 +110,13 @@ def make_optimizer(cfg: Config, logical_names: dict, per_layer: Any = None) -> o
   return optax.chain(*parts)
 
 
-@jax.custom_vjp
-def log_z_and_target_logit(logits_btv: jax.Array, targets_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def log_z_and_target_logit(logits_btv: jax.Array, targets_bt: jax.Array, kernel: str = "xla") -> tuple[jax.Array, jax.Array]:
   """Per token, in float32: the log-partition logsumexp(logits) and the target token's logit.
+
+  `kernel` "pallas": both from one Pallas kernel that reads the logits once
+  (paxlite.loss_kernels), where it takes their layout; otherwise XLA's fusions (a max, then a
+  sum over the logits, and a gather).
 
   The gradient is written by hand so that it is one elementwise pass over the logits,
   softmax * g_log_z + onehot(target) * g_target, in the logits' dtype. Autodiff of
@@ -118,22 +124,21 @@ def log_z_and_target_logit(logits_btv: jax.Array, targets_bt: jax.Array) -> tupl
   then writes float32 logit gradients three times before casting them for the head's GEMMs
   (~20 GB of traffic per step on the 1.7B model's 16k x 50k logits; benchmarks/RESULTS.md).
   """
-  return _log_z_and_target_logit_fwd(logits_btv, targets_bt)[0]
+  return _log_z_and_target_logit_fwd(logits_btv, targets_bt, kernel)[0]
 
 
-def _log_z_and_target_logit_fwd(logits_btv, targets_bt):
-  logits32 = logits_btv.astype(jnp.float32)
-  # One pass on GPUs, where it was measured (on CPUs XLA's scalar loop over the pairs is ~10x
-  # slower than its two passes), unless the vocabulary is split between devices: each device's
-  # partial pair would then have to be merged by this reduction's own function, and XLA's
-  # all-reduces take sums and maxima only.
-  one_pass = jax.default_backend() == "gpu" and activation_shards(LOGITS, logits_btv.shape)[-1] == 1
-  log_z_bt = logsumexp_one_pass(logits32) if one_pass else jax.nn.logsumexp(logits32, axis=-1)
-  target_logit_bt = jnp.take_along_axis(logits32, targets_bt[..., None], axis=-1)[..., 0]
+def _log_z_and_target_logit_fwd(logits_btv, targets_bt, kernel):
+  axes = loss_kernels.row_axes(kernel, LOGITS, logits_btv.shape)
+  if axes is not None:
+    log_z_bt, target_logit_bt = loss_kernels.log_z_and_target_logit(logits_btv, targets_bt, axes)
+  else:
+    logits32 = logits_btv.astype(jnp.float32)
+    log_z_bt = jax.nn.logsumexp(logits32, axis=-1)
+    target_logit_bt = jnp.take_along_axis(logits32, targets_bt[..., None], axis=-1)[..., 0]
   return (log_z_bt, target_logit_bt), (logits_btv, targets_bt, log_z_bt)
 
 
-def _log_z_and_target_logit_bwd(residuals, cotangents):
+def _log_z_and_target_logit_bwd(kernel, residuals, cotangents):
   logits_btv, targets_bt, log_z_bt = residuals
   g_log_z_bt, g_target_bt = cotangents
   vocab = jax.lax.broadcasted_iota(jnp.int32, logits_btv.shape, logits_btv.ndim - 1)
@@ -145,29 +150,11 @@ def _log_z_and_target_logit_bwd(residuals, cotangents):
 log_z_and_target_logit.defvjp(_log_z_and_target_logit_fwd, _log_z_and_target_logit_bwd)
 
 
-def logsumexp_one_pass(x: jax.Array) -> jax.Array:
-  """logsumexp over the last axis, reading `x` once: one reduction of running (max, sum of
-  exp(x - max)) pairs. jax.nn.logsumexp takes the max first and then the sum, two passes over
-  the [tokens, vocab] logits: 0.57 + 0.73 ms per step for the 1.7B model's 16k x 50k on an
-  H100, against 1.11 ms for this one (benchmarks/RESULTS.md, rounds 33-34; an exp and four
-  selects per element keep it under the memory's speed)."""
-
-  def merge(a, b):
-    (max_a, sum_a), (max_b, sum_b) = a, b
-    a_big = max_a >= max_b
-    big, small = jnp.where(a_big, max_a, max_b), jnp.where(a_big, max_b, max_a)
-    # One exp per merge: the larger max's sum needs no rescaling.
-    return big, jnp.where(a_big, sum_a, sum_b) + jnp.where(a_big, sum_b, sum_a) * jnp.exp(small - big)
-
-  # The lowest finite float as the empty max: merging two empty pairs gives exp(0) * 0, not NaN.
-  lowest = jnp.array(jnp.finfo(x.dtype).min, x.dtype)
-  maxima, sums = jax.lax.reduce((x, jnp.ones_like(x)), (lowest, jnp.zeros((), x.dtype)), merge, (x.ndim - 1,))
-  return maxima + jnp.log(sums)
-
-
-def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, z_loss: float) -> tuple[jax.Array, jax.Array]:
-  """Mean token cross-entropy in float32, and the total loss including z-loss."""
-  log_z_bt, target_logit_bt = log_z_and_target_logit(logits_btv, targets_bt)
+def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, z_loss: float,
+                  kernel: str = "xla") -> tuple[jax.Array, jax.Array]:
+  """Mean token cross-entropy in float32, and the total loss including z-loss. `kernel`: the
+  logits' pass, "pallas" or "xla" (see log_z_and_target_logit)."""
+  log_z_bt, target_logit_bt = log_z_and_target_logit(logits_btv, targets_bt, kernel)
   nll = jnp.mean(log_z_bt - target_logit_bt)
   total = nll + z_loss * jnp.mean(jnp.square(log_z_bt)) if z_loss else nll
   return nll, total
@@ -204,6 +191,7 @@ class Trainer:
         lambda names, spec: not cfg.model.scan_layers and names[:1] == ("layers",) and whole(spec),
         self.logical_names, self.param_specs, is_leaf=lambda x: isinstance(x, tuple))
     self.tx = make_optimizer(cfg, self.logical_names, self.per_layer)
+    self.loss_kernel = loss_kernels.implementation(cfg.train.loss_kernel)
     self.lr_schedule = lr_schedule(cfg)
     param_shardings = self.layout.shardings(self.mesh)
     replicated = NamedSharding(self.mesh, P())
@@ -301,8 +289,13 @@ class Trainer:
     """(loss to differentiate, cross-entropy). The gradient with respect to `seen` records the
     fp8 amaxes of this step (see paxlite.numerics)."""
     model = self.layout.merge(params, fp8, seen)
-    logits_btv = model(tokens_bt[:, :-1])
-    nll, total = cross_entropy(logits_btv, tokens_bt[:, 1:], self.cfg.train.z_loss)
+    if self.loss_kernel == "pallas" and isinstance(model, Transformer):
+      # The kernel reads the logits as the head computes them (bf16): cast to float32 first,
+      # they would be written out in float32 for it (XLA's own passes fuse that cast instead).
+      logits_btv = model(tokens_bt[:, :-1], logits_dtype=None)
+    else:
+      logits_btv = model(tokens_bt[:, :-1])
+    nll, total = cross_entropy(logits_btv, tokens_bt[:, 1:], self.cfg.train.z_loss, self.loss_kernel)
     return (total if loss_scale is None else total * loss_scale), nll
 
   def _step_fn(self, state: dict[str, Any], batch_bt: jax.Array) -> tuple[dict[str, Any], dict[str, jax.Array]]:

@@ -52,13 +52,15 @@ def kernel_fits(rows: int, dim: int) -> bool:
   return dim >= 128 and dim & (dim - 1) == 0 and dim <= 16384 and rows % _BWD_PROGRAM_ROWS == 0
 
 
-def implementation(setting: str) -> str:
-  """model.norm_kernel -> "pallas" | "xla": auto is pallas on GPU. Raises ConfigError for
-  pallas on another backend (Pallas's Triton kernels are GPU code)."""
+def implementation(setting: str, key: str = "model.norm_kernel", interpret: bool | None = None) -> str:
+  """A kernel setting (`key`: model.norm_kernel, train.loss_kernel) -> "pallas" | "xla": auto
+  is pallas on GPU. Raises ConfigError for pallas on another backend (Pallas's Triton kernels
+  are GPU code) unless the kernels run in Pallas's interpreter (`interpret`, default INTERPRET)."""
   if setting == "auto":
     return "pallas" if jax.default_backend() == "gpu" else "xla"
-  if setting == "pallas" and jax.default_backend() != "gpu" and not INTERPRET:
-    raise ConfigError(f"model.norm_kernel: pallas needs a GPU, this backend is {jax.default_backend()}; use auto or xla")
+  interpret = INTERPRET if interpret is None else interpret
+  if setting == "pallas" and jax.default_backend() != "gpu" and not interpret:
+    raise ConfigError(f"{key}: pallas needs a GPU, this backend is {jax.default_backend()}; use auto or xla")
   return setting
 
 

@@ -180,10 +180,13 @@ class Transformer(nnx.Module):
                          init=scaled_normal(cfg.init_std), rngs=rngs, fp8=policy.fp8 if policy.fp8_head else None,
                          **common)
 
-  def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
+  def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None, *,
+               logits_dtype=jnp.float32) -> jax.Array:
+    """Logits [batch, length, vocab] in `logits_dtype` (None: the head's compute dtype, which a
+    loss kernel reads at half float32's bytes)."""
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
-    return self._logits(*self._run_blocks(self._embed(tokens_bt), positions_bt))
+    return self._logits(*self._run_blocks(self._embed(tokens_bt), positions_bt), dtype=logits_dtype)
 
   def init_cache(self, batch: int, length: int) -> KV:
     """An empty KV cache: keys and values [layers, batch, length, kv_heads, head_dim] each,
@@ -224,14 +227,14 @@ class Transformer(nnx.Module):
   def _embed(self, tokens_bt: jax.Array) -> jax.Array:
     return constrain(self.embed(tokens_bt), ACTIVATION)
 
-  def _logits(self, x_btd: jax.Array, delta_btd: jax.Array | None = None) -> jax.Array:
-    """Logits of the residual stream x + delta (delta None: x)."""
+  def _logits(self, x_btd: jax.Array, delta_btd: jax.Array | None = None, dtype=jnp.float32) -> jax.Array:
+    """Logits of the residual stream x + delta (delta None: x), in `dtype` (None: as computed)."""
     if delta_btd is None:
       x_btd = self.final_norm(x_btd)
     else:
       _, (x_btd,) = self.final_norm.add_and_norm(x_btd, delta_btd)
     logits_btv = self.embed.attend(x_btd) if self.cfg.tie_embeddings else self.head(x_btd)
-    return constrain(logits_btv.astype(jnp.float32), LOGITS)
+    return constrain(logits_btv if dtype is None else logits_btv.astype(dtype), LOGITS)
 
   def _run_blocks(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """The decoder blocks on the embeddings: the residual stream as (x, delta), x + delta the
