@@ -52,10 +52,15 @@ SMALL = {
 }
 
 
-@pytest.mark.parametrize("mesh,calls", [({"mesh.data": 2, "mesh.fsdp": 4}, 1), ({"mesh.data": 4, "mesh.tensor": 2}, 0)])
+@pytest.mark.parametrize("mesh,calls", [
+    ({"mesh.data": 2, "mesh.fsdp": 4}, 1),
+    ({"mesh.data": 4, "mesh.tensor": 2}, 0),
+    ({"mesh.stage": 2, "mesh.data": 4, "pipeline.microbatches": 2}, 1),
+], ids=["data2_fsdp4", "data4_tensor2", "stage2_data4"])
 def test_model_trains_the_same_with_either_kernel(mesh, calls, interpret):
   """float32: the same losses, gradient norms and parameters after two steps; the kernel runs
-  per device under shard_map on data x fsdp, and not where tensor splits the vocabulary."""
+  per device under shard_map on data x fsdp and after a pipeline's stages, and not where
+  tensor splits the vocabulary."""
   rng = np.random.default_rng(0)
   batches = [rng.integers(0, 16, (16, 33)).astype(np.int32) for _ in range(2)]
   results = {}
