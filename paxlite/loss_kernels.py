@@ -26,7 +26,7 @@ from jax.experimental.pallas import triton as pl_triton
 from jax.sharding import PartitionSpec as P
 
 from paxlite.models import norm_kernels
-from paxlite.partitioning import activation_shards, activation_spec, spec_axes
+from paxlite.partitioning import activation_split
 
 # Tests set this to run the kernel through Pallas's interpreter (on CPU).
 INTERPRET = False
@@ -56,9 +56,8 @@ def row_axes(kernel: str, names: tuple[str, ...], shape) -> tuple[tuple[str, ...
   logsumexp), or each device's rows not tiling the kernel's blocks."""
   if kernel != "pallas":
     return None
-  batch, length, _ = spec_axes(activation_spec(names, shape) or P(), 3)
+  (batch, length, _), ways = activation_split(names, shape)
   # A mesh axis of size 1 named on the vocabulary splits nothing: count the ways, not the names.
-  ways = activation_shards(names, shape)
   if ways[2] > 1 or not kernel_fits(shape[0] // ways[0] * (shape[1] // ways[1])):
     return None
   return batch, length

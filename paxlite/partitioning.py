@@ -122,14 +122,14 @@ def activation_spec(names: LogicalNames, shape: Sequence[int]) -> P | None:
   return resolve(names, rules, shape=shape, mesh_shape=mesh_shape(mesh), what=f"activation {tuple(names)}")
 
 
-def activation_shards(names: LogicalNames, shape: Sequence[int]) -> tuple[int, ...]:
-  """How many ways the current rules split each dimension of an activation of `shape` named
-  `names` on the current mesh (all 1 with no mesh or no rules). Axes of size 1 split nothing,
-  though the PartitionSpec still names them."""
+def activation_split(names: LogicalNames, shape: Sequence[int]) -> tuple[list[tuple[str, ...]], tuple[int, ...]]:
+  """Each dimension's mesh axes under the current rules for an activation of `shape` named
+  `names` on the current mesh, and how many ways they split it (no axes and 1 with no mesh or
+  no rules). Axes of size 1 split nothing, though the PartitionSpec still names them."""
   spec = activation_spec(names, shape)
   if spec is None:
-    return (1,) * len(shape)
-  return split_ways(spec, len(shape), mesh_shape(jax.sharding.get_abstract_mesh()))
+    return [()] * len(shape), (1,) * len(shape)
+  return spec_axes(spec, len(shape)), split_ways(spec, len(shape), mesh_shape(jax.sharding.get_abstract_mesh()))
 
 
 def spec_axes(spec: P, rank: int) -> list[tuple[str, ...]]:

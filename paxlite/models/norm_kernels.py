@@ -28,7 +28,7 @@ from jax.experimental.pallas import triton as pl_triton
 from jax.sharding import PartitionSpec as P
 
 from paxlite.config import ConfigError
-from paxlite.partitioning import activation_spec, mesh_shape, spec_axes, split_ways
+from paxlite.partitioning import activation_split
 
 # The activations' logical names, as the decoder constrains them between blocks.
 _ACTIVATION = ("batch", "length", "act_embed")
@@ -125,12 +125,9 @@ def _kernel_row_axes(kernel: str, shape) -> tuple[tuple[str, ...], tuple[str, ..
   tiling the kernels' blocks."""
   if kernel != "pallas":
     return None
-  spec = activation_spec(_ACTIVATION, shape)
-  spec = P() if spec is None else spec
-  batch, length, dim = spec_axes(spec, 3)
+  (batch, length, dim), ways = activation_split(_ACTIVATION, shape)
   if dim:
     return None
-  ways = split_ways(spec, 3, mesh_shape(jax.sharding.get_abstract_mesh()) if batch or length else {})
   rows = shape[0] // ways[0] * (shape[1] // ways[1])
   return (batch, length) if kernel_fits(rows, shape[2]) else None
 
