@@ -47,7 +47,7 @@ def main():
     with gzip.open(os.path.join(args.out, "train_step.hlo.txt.gz"), "wt") as f:
       f.write(hlo)
   if args.trace and args.out:
-    state = trainer.init_state()
+    state = trainer.step_state(trainer.init_state())
     batch = trainer._to_global(next(trainer.loader()))
     with trainer.activate():
       for _ in range(3):

@@ -52,7 +52,7 @@ def run_benchmark(cfg: Config, *, steps: int = 10, warmup: int = 3) -> dict[str,
 
   trainer = Trainer(cfg)
   compiled, compile_s = trainer.compile_step()
-  state = trainer.init_state()
+  state = trainer.step_state(trainer.init_state())
   loader = trainer.loader()
   batches = [trainer._to_global(next(loader)) for _ in range(min(steps + warmup, 4))]
   with trainer.activate():

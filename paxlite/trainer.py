@@ -5,6 +5,11 @@ The train state is a plain dict {'params', 'opt_state', 'step'} of sharded array
 'loss_scale' (dynamic loss scaling) when the precision config asks for them; the model is
 rebuilt from its NNX graph definition inside each compiled function (`nnx.merge`), so the
 state is an ordinary pytree for optax, Orbax and jit donation.
+
+Between steps the Trainer may hold the state in the form the compiled step carries it
+(paxlite.step_state: unrolled layers' parameters one array per layer, plus their kernels in
+compute dtype); `Trainer.state` always hands out, and takes, the stacked form that checkpoints
+hold.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ from paxlite.faults import LoopCounters, NonFiniteError, StopSignals, guard_upda
 from paxlite.mesh import describe, make_mesh
 from paxlite.metrics import MetricsWriter, Progress, Timer, flops_per_token, peak_flops_for
 from paxlite.models.build import ModelFn, default_model_fn, init_params, layout_model, pipeline_schedule
-from paxlite.models.transformer import LOGITS, Transformer
-from paxlite.numerics import LossScaler, update_histories
+from paxlite.models.transformer import LOGITS, Transformer, is_block_kernel
+from paxlite.numerics import DtypePolicy, LossScaler, update_histories
 from paxlite.partitioning import axis_rules, constrain, resolve, split_ways
+from paxlite.step_state import StepLayout
 
 
 def opt_state_like(abstract_opt: Any, param_shapes: Any, params_like: Any, other: Any) -> Any:
@@ -68,14 +74,19 @@ def global_norm(grads: Any, per_layer: Any) -> jax.Array:
   layer. With unrolled layers such a gradient is the concatenation of the layers' own: XLA
   reduces a concatenation element by element through a choice among its 24 operands, at
   half the memory bandwidth (0.5 ms per MLP kernel on an H100 where its bytes take 0.27;
-  benchmarks/RESULTS.md, round 30), while a slice of one is that layer's gradient itself."""
+  benchmarks/RESULTS.md, round 30), while a slice of one is that layer's gradient itself.
 
-  def squares(g, by_layer):
+  `per_layer` may be a prefix of `grads`: a leaf held as a list of its layers (the train
+  step's layered state, paxlite.step_state) is summed layer by layer, in the same order."""
+
+  def squares(by_layer, g):
+    if isinstance(g, list):
+      return sum(jnp.sum(jnp.square(layer)) for layer in g)
     if by_layer and g.shape[0] > 1:
       return sum(jnp.sum(jnp.square(layer)) for layer in jax.lax.split(g, (1,) * g.shape[0]))
     return jnp.sum(jnp.square(g))
 
-  return jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(squares, grads, per_layer))))
+  return jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(squares, per_layer, grads))))
 
 
 def clip_by_global_norm(max_norm: float, per_layer: Any) -> optax.GradientTransformation:
@@ -93,12 +104,14 @@ def clip_by_global_norm(max_norm: float, per_layer: Any) -> optax.GradientTransf
 def make_optimizer(cfg: Config, logical_names: dict, per_layer: Any = None) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; no weight decay on vectors (norm scales) and, unless
   train.decay_embeddings, on the token embedding table. `per_layer`: see `global_norm`
-  (default: no leaf summed by layer)."""
+  (default: no leaf summed by layer). `logical_names` and `per_layer` name the parameters'
+  stacked leaves; the optimizer takes the parameters stacked or layered (paxlite.step_state)."""
   t = cfg.train
   if per_layer is None:
     per_layer = jax.tree.map(lambda _: False, logical_names, is_leaf=lambda x: isinstance(x, tuple))
 
   def decays(names):
+    names = names[1:] if names[:1] == ("layers",) else names  # a stacked block's norm scale is a vector
     if len(names) < 2:
       return False
     is_embedding = tuple(names[-2:]) == ("vocab", "embed")
@@ -206,6 +219,11 @@ class Trainer:
 
     batch, accum = cfg.train.batch_size, cfg.train.grad_accum
     self.pipeline = pipeline_schedule(cfg)
+    # The form the compiled step carries the state in (paxlite.step_state); None: the public one.
+    self.step_layout = self._step_layout(custom_model=model_fn is not None)
+    # (The optimizer's weight-decay mask and `per_layer` fit either form: both name stacked leaves.)
+    self.step_shardings = (self.state_shardings if self.step_layout is None
+                           else self.step_layout.step_shardings(self.state_shardings))
     micro = accum * (self.pipeline.microbatches if self.pipeline else 1)
     ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     if (batch // micro) % ways:
@@ -222,10 +240,11 @@ class Trainer:
     kind = self.mesh.devices.flat[0].device_kind
     self.peak_flops = cfg.run.peak_flops or peak_flops_for(kind)
 
-    self.state: dict[str, Any] | None = None
+    self._state: dict[str, Any] | None = None  # the public form, or None while...
+    self._step_form: dict[str, Any] | None = None  # ...the state is held in the step's form
     self._train_step = jax.jit(self._step_fn, donate_argnums=(0,),
-                               in_shardings=(self.state_shardings, self.batch_sharding),
-                               out_shardings=(self.state_shardings, None))
+                               in_shardings=(self.step_shardings, self.batch_sharding),
+                               out_shardings=(self.step_shardings, None))
     self._eval_step = jax.jit(self._eval_fn, in_shardings=(
         self.state_shardings["params"], self.state_shardings.get("fp8", {}), self.batch_sharding))
     self._loader = None
@@ -243,6 +262,58 @@ class Trainer:
       yield
 
   # -- state -----------------------------------------------------------------------------
+
+  @property
+  def state(self) -> dict[str, Any] | None:
+    """The train state {'params', 'opt_state', 'step', ...}, stacked as checkpoints hold it
+    (None before one is made). Reading it between steps may convert it from the step's form,
+    and the next step converts it back: arrays read from it are not valid after a step."""
+    if self._step_form is not None:
+      self._state = self._to_public(self._step_form)
+      self._step_form = None
+    return self._state
+
+  @state.setter
+  def state(self, state: dict[str, Any] | None) -> None:
+    self._state, self._step_form = state, None
+
+  def has_state(self) -> bool:
+    """Whether a train state is held (in either form), without converting it."""
+    return self._state is not None or self._step_form is not None
+
+  def step_state(self, state: dict[str, Any]) -> dict[str, Any]:
+    """A public train state in the form the compiled step (`compile_step`) takes and returns
+    (the same object where the step carries the public form). Its arrays are used up."""
+    if self.step_layout is None:
+      return state
+    with self.activate():
+      return self.step_layout.to_step(state, self.step_shardings)
+
+  def _to_public(self, step_state: dict[str, Any]) -> dict[str, Any]:
+    if self.step_layout is None:
+      return step_state
+    with self.activate():
+      return self.step_layout.to_public(step_state, self.state_shardings)
+
+  def _state_for_step(self) -> dict[str, Any]:
+    """The state in the step's form, made from the public one if that is what is held."""
+    if self._step_form is None:
+      if self._state is None:
+        self._state = self.init_state()
+      self._step_form, self._state = self.step_state(self._state), None
+    return self._step_form
+
+  def _step_layout(self, custom_model: bool) -> StepLayout | None:
+    """precision.compute_copy's layout: for paxlite's own model (a custom one casts its own
+    parameters), unrolled and without pipeline stages (which cast per micro-batch), where
+    the compute dtype differs from the parameters'."""
+    cfg = self.cfg
+    compute = DtypePolicy.from_config(cfg.precision).compute_dtype
+    if (not cfg.precision.compute_copy or custom_model or cfg.model.scan_layers or self.pipeline is not None
+        or jnp.dtype(cfg.precision.params) == jnp.dtype(compute)):
+      return None
+    return StepLayout.build(self.param_shapes, self.logical_names, self.param_specs, dict(self.mesh.shape),
+                            cfg.model.num_layers, compute, is_block_kernel)
 
   def init_state(self) -> dict[str, Any]:
     """Creates parameters and optimizer state directly in their shards on the devices."""
@@ -267,9 +338,17 @@ class Trainer:
     return state
 
   def abstract_state(self) -> Any:
+    """The public train state as abstract arrays with their shardings (what checkpoints hold)."""
     shapes = jax.eval_shape(lambda: self._new_state({"params": self.param_shapes,
                                                      "opt_state": self.tx.init(self.param_shapes)}))
     return abstract_like(shapes, self.state_shardings)
+
+  def abstract_step_state(self) -> Any:
+    """`abstract_state()` in the form the compiled step takes."""
+    if self.step_layout is None:
+      return self.abstract_state()
+    shapes = jax.eval_shape(self.step_layout.step_form, self.abstract_state())
+    return abstract_like(shapes, self.step_shardings)
 
   def model(self, params: Any | None = None, fp8: Any | None = None) -> nnx.Module:
     """The NNX module holding `params` and `fp8` (default: the current train state's)."""
@@ -301,10 +380,17 @@ class Trainer:
   def _step_fn(self, state: dict[str, Any], batch_bt: jax.Array) -> tuple[dict[str, Any], dict[str, jax.Array]]:
     params, fp8, unseen = state["params"], state.get("fp8", {}), self._unseen()
     loss_scale = state["loss_scale"]["scale"] if self.loss_scaler is not None else None
-    grad_fn = jax.value_and_grad(self._loss_fn, argnums=(0, 1), has_aux=True)
+    layout, loss_fn, model_params = self.step_layout, self._loss_fn, params
+    if layout is not None:
+      # The model reads the carried compute-dtype kernels, the values it would cast them to, as
+      # one stack per kernel, which XLA splits back into the layers' arrays at no cost.
+      # (Gradients come back in the params' dtype: see StepLayout.with_copies.)
+      model_params = layout.with_copies(params, state["compute_copy"])
+      loss_fn = lambda p, *args: self._loss_fn(layout.restack(p), *args)  # noqa: E731
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
     accum = self.cfg.train.grad_accum
     if accum == 1:
-      (_, nll), (grads, seen) = grad_fn(params, unseen, fp8, batch_bt, loss_scale)
+      (_, nll), (grads, seen) = grad_fn(model_params, unseen, fp8, batch_bt, loss_scale)
     else:
       # Micro-batch a takes rows a, a+A, a+2A, ...: each device's rows split evenly across
       # micro-batches, so the reshape needs no data movement between devices.
@@ -313,7 +399,7 @@ class Trainer:
 
       def accumulate(carry, tokens_bt):
         grad_sum, seen_sum, nll_sum = carry
-        (_, nll), (grads, seen) = grad_fn(params, unseen, fp8, tokens_bt, loss_scale)
+        (_, nll), (grads, seen) = grad_fn(model_params, unseen, fp8, tokens_bt, loss_scale)
         # Seen amaxes add up like gradients: counts of one-hot scales, whose top is the max.
         return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, seen_sum, seen), nll_sum + nll), None
 
@@ -328,6 +414,8 @@ class Trainer:
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
     finite = is_finite(nll, grad_norm)  # train.on_nan: a non-finite update is never applied
     new_state = guard_update(finite, new_state, state)
+    if layout is not None:  # written in the update's own pass over the params
+      new_state["compute_copy"] = layout.copies(new_state["params"])
     if fp8:
       new_state["fp8"] = jax.tree.map(lambda n, o: jnp.where(finite, n, o), update_histories(fp8, seen), fp8)
     metrics = {"loss": nll, "grad_norm": grad_norm, "lr": self.lr_schedule(state["step"]), "finite": finite}
@@ -344,19 +432,19 @@ class Trainer:
 
   def step(self, batch: np.ndarray) -> dict[str, jax.Array]:
     """One optimizer step on a host batch (this process's rows); updates self.state."""
-    if self.state is None:
-      self.state = self.init_state()
+    state = self._state_for_step()
     with self.activate():
-      self.state, metrics = self._train_step(self.state, self._to_global(batch))
+      self._step_form, metrics = self._train_step(state, self._to_global(batch))
     return metrics
 
   def compile_step(self) -> tuple[Any, float]:
-    """Lowers and compiles the train step ahead of time; returns (compiled, seconds)."""
+    """Lowers and compiles the train step ahead of time; returns (compiled, seconds). The
+    compiled step takes and returns the state in the step's form (`step_state`)."""
     start = time.perf_counter()
     batch = jax.ShapeDtypeStruct((self.cfg.train.batch_size, self.cfg.model.seq_len + 1), jnp.int32,
                                  sharding=self.batch_sharding)
     with self.activate(), count_cache_hits() as hits:
-      compiled = self._train_step.lower(self.abstract_state(), batch).compile()
+      compiled = self._train_step.lower(self.abstract_step_state(), batch).compile()
     self.compile_cache_hits = hits[0]
     return compiled, time.perf_counter() - start
 
@@ -394,7 +482,7 @@ class Trainer:
 
   def evaluate(self, num_batches: int | None = None) -> float:
     """Mean validation loss over `eval.batches` batches of the held-out split."""
-    if self.state is None:
+    if not self.has_state():
       self.state = self.init_state()
     batches = data_lib.make_eval_batches(
         self.cfg.data, batch_size=self.cfg.train.batch_size,
@@ -547,8 +635,8 @@ class Trainer:
     cfg = self.cfg
     total = cfg.train.steps if steps is None else steps
     loader = self.loader()  # reads and checks the data before anything is written
-    start_step = self.restore() if resume and self.state is None else None
-    if self.state is None:
+    start_step = self.restore() if resume and not self.has_state() else None
+    if not self.has_state():
       self.state = self.init_state()
     done = int(jax.device_get(self.state["step"]))
     self._fresh_loader_state = loader.get_state() if done == 0 else None
@@ -567,8 +655,10 @@ class Trainer:
       with StopSignals() as signals:
         while done < total and not signals.should_stop(done):
           index, batch = self._next_batch()
+          state = self._state_for_step()
           with self.activate():
-            self.state, metrics = compiled(self.state, self._to_global(batch))
+            self._step_form, metrics = compiled(state, self._to_global(batch))
+          del state  # (donated)
           done += 1
           steps_since_log += 1
           progress.update()

@@ -91,7 +91,8 @@ def test_unrolled_layers_match_scan(mesh_runs):
 
 
 def test_unrolled_layers_gradients_are_one_concatenation_per_stacked_array():
-  """Each stacked parameter's gradient is one concatenation of its layers' gradients, not a
+  """With the state stacked (precision.compute_copy off; tests/test_step_state.py has it on):
+  each stacked parameter's gradient is one concatenation of its layers' gradients, not a
   sum of zero-padded per-layer arrays (what slicing each layer out would give); each layer's
   kernels are cast after the split, so their gradients are converted before it; the gradient
   norm (clipping's and the metric's) sums the stacked gradients layer by layer."""
@@ -99,7 +100,8 @@ def test_unrolled_layers_gradients_are_one_concatenation_per_stacked_array():
 
   import jax.numpy as jnp
 
-  trainer = make_trainer({"model.scan_layers": False, "precision.compute": "bfloat16"}, jax.devices()[:1])
+  trainer = make_trainer({"model.scan_layers": False, "precision.compute": "bfloat16",
+                          "precision.compute_copy": False}, jax.devices()[:1])
   batch = jax.ShapeDtypeStruct((16, 33), jnp.int32)
   with trainer.activate():
     jaxpr = str(jax.make_jaxpr(trainer._step_fn)(trainer.abstract_state(), batch))
@@ -145,6 +147,7 @@ def test_weight_decay_skips_norms_and_embedding():
   grads = jax.tree.map(np.zeros_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert float(np.abs(updates["final_norm"]["scale"]).max()) == 0.0
+  assert float(np.abs(updates["blocks"]["attn_norm"]["scale"]).max()) == 0.0  # stacked, still a vector each
   assert float(np.abs(updates["embed"]["embedding"]).max()) == 0.0
   assert float(np.abs(updates["head"]["kernel"]).max()) > 0.0
 

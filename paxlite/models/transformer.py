@@ -156,8 +156,17 @@ def kernels_in_compute_dtype(layer_state: nnx.State, dtype) -> nnx.State:
   gradients then leave the loop in compute dtype, half float32's bytes, and are converted to
   float32 once, after (unrolled, each layer's gradient is converted as the optimizer's pass
   reads it). Norm scales and fp8 state keep their dtypes."""
-  is_kernel = lambda path: any(getattr(key, "key", None) == "kernel" for key in path)
-  return jax.tree_util.tree_map_with_path(lambda path, a: a.astype(dtype) if is_kernel(path) else a, layer_state)
+  return jax.tree_util.tree_map_with_path(lambda path, a: a.astype(dtype) if _names_kernel(path) else a, layer_state)
+
+
+def _names_kernel(path) -> bool:
+  return any(getattr(key, "key", None) == "kernel" for key in path)
+
+
+def is_block_kernel(path) -> bool:
+  """Whether a key path of the Transformer's parameters names a decoder-block kernel: one that
+  `kernels_in_compute_dtype` casts (so that the train step may hand it in already cast)."""
+  return bool(path) and getattr(path[0], "key", None) == "blocks" and _names_kernel(path)
 
 
 class Transformer(nnx.Module):
