@@ -261,8 +261,9 @@ def estimate(cfg: Config, mesh_shape: dict[str, int], hw: Hardware,
   # -- memory --------------------------------------------------------------------------
   # The model casts the block kernels to compute dtype once per step (stacked before a scan,
   # each layer's after the split when unrolled; not under pipelines): that copy lives through
-  # the step, and the layers' kernel gradients come out in compute dtype too (converted to
-  # float32 inside the optimizer's update).
+  # the step (unrolled, with precision.compute_copy, the step carries it from the last one
+  # instead: the same bytes), and the layers' kernel gradients come out in compute dtype too
+  # (converted to float32 inside the optimizer's update).
   cast = schedule is None
   kernels = sum(p.local_bytes for p in table.params if p.name.startswith("blocks.") and p.name.endswith(".kernel"))
   kernel_copy = kernels * c / _bytes(cfg.precision.params) if cast else 0.0
