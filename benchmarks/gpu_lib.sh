@@ -11,3 +11,12 @@ row() { grep -v "^W\|Warning" | grep "tokens_per_s\|Error\|error" | tail -2 | cu
 # An earlier commit to compare against on the same GPU, unpacked into /tmp/base/base from the
 # untracked base.tar (`git archive --prefix=base/ REV -o base.tar`, deleted after the round).
 unpack_base() { mkdir -p /tmp/base && tar -xf base.tar -C /tmp/base; }
+# $1 interleaved pairs of $BENCH: the earlier commit of base.tar, then this tree, each pair
+# appending to $OUT/bench$2_base.jsonl and $OUT/bench$2.jsonl.
+base_pairs() {
+  unpack_base
+  for _ in $(seq "$1"); do
+    (cd /tmp/base/base && timeout 75 $BENCH --out $OUT/bench$2_base.jsonl 2>&1 | row 120)
+    timeout 75 $BENCH --out $OUT/bench$2.jsonl 2>&1 | row 120
+  done
+}

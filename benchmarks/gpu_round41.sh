@@ -6,8 +6,4 @@
 source benchmarks/gpu_lib.sh
 ROUND=${ROUND:-41}
 BENCH="python3 -m paxlite bench configs/bench-1.7b.yaml --steps 20 --warmup 3 $BEST"
-unpack_base
-for pair in 1 2 3 4; do
-  (cd /tmp/base/base && timeout 75 $BENCH --out $OUT/bench${ROUND}_base.jsonl 2>&1 | row 120)
-  timeout 75 $BENCH --out $OUT/bench${ROUND}.jsonl 2>&1 | row 120
-done
+base_pairs 4 ${ROUND}

@@ -6,11 +6,7 @@
 # cast-and-split pass gone and no copies in its place.
 source benchmarks/gpu_lib.sh
 BENCH="python3 -m paxlite bench configs/bench-1.7b.yaml --steps 20 --warmup 3 $BEST"
-unpack_base
-for pair in 1 2; do
-  (cd /tmp/base/base && timeout 75 $BENCH --out $OUT/bench45_base.jsonl 2>&1 | row 120)
-  timeout 75 $BENCH --out $OUT/bench45.jsonl 2>&1 | row 120
-done
+base_pairs 2 45
 timeout 75 $BENCH precision.compute_copy=false --out $OUT/bench45_off.jsonl 2>&1 | row 120
 timeout 150 python3 benchmarks/hlo_report.py configs/bench-1.7b.yaml $BEST --out $OUT/one --trace 2>&1 \
   | grep -v "^W\|Warning" | tail -1

@@ -6,11 +6,7 @@
 # untracked), then the new step's profile.
 source benchmarks/gpu_lib.sh
 BENCH="python3 -m paxlite bench configs/bench-1.7b.yaml --steps 20 --warmup 3 $BEST"
-unpack_base
-for pair in 1 2 3; do
-  (cd /tmp/base/base && timeout 75 $BENCH --out $OUT/bench46_base.jsonl 2>&1 | row 120)
-  timeout 75 $BENCH --out $OUT/bench46.jsonl 2>&1 | row 120
-done
+base_pairs 3 46
 timeout 150 python3 benchmarks/hlo_report.py configs/bench-1.7b.yaml $BEST --out $OUT/one --trace 2>&1 \
   | grep -v "^W\|Warning" | tail -1
 python3 benchmarks/trace_summary.py $OUT/one --top 30 --gaps 0

@@ -8,8 +8,4 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 echo "GPU: $gpu"
 case "$gpu" in *H200*) ;; *) echo "not an H200: nothing run"; exit 0 ;; esac
 BENCH="python3 -m paxlite bench configs/bench-1.7b.yaml --steps 20 --warmup 3 $BEST"
-unpack_base
-for pair in 1 2; do
-  (cd /tmp/base/base && timeout 75 $BENCH --out $OUT/bench49_base.jsonl 2>&1 | row 120)
-  timeout 75 $BENCH --out $OUT/bench49.jsonl 2>&1 | row 120
-done
+base_pairs 2 49
