@@ -25,7 +25,7 @@ from paxlite.config import MESH_AXES, Config
 from paxlite.mesh import dcn_sizes, mesh_sizes
 from paxlite.models.build import ModelFn, ModelLayout, default_model_fn, is_spec, layout_model
 from paxlite.partitioning import LogicalNames, format_rules, path_str, record_constraints, resolve, spec_axes
-from paxlite.trainer import make_optimizer, opt_state_like
+from paxlite.optimizer import make_optimizer, opt_state_like
 
 
 @dataclasses.dataclass(frozen=True)

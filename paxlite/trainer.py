@@ -15,7 +15,6 @@ hold.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import time
@@ -34,143 +33,15 @@ from paxlite.checkpoint import Checkpointer, CheckpointError, abstract_like
 from paxlite.compile_cache import count_cache_hits, use_compile_cache
 from paxlite.config import Config, ConfigError
 from paxlite.faults import LoopCounters, NonFiniteError, StopSignals, guard_update, is_finite
+from paxlite.loss import cross_entropy
 from paxlite.mesh import describe, make_mesh
 from paxlite.metrics import MetricsWriter, Progress, Timer, flops_per_token, peak_flops_for
 from paxlite.models.build import ModelFn, default_model_fn, init_params, layout_model, pipeline_schedule
-from paxlite.models.transformer import LOGITS, Transformer, is_block_kernel
+from paxlite.models.transformer import Transformer, is_block_kernel
 from paxlite.numerics import DtypePolicy, LossScaler, update_histories
+from paxlite.optimizer import global_norm, lr_schedule, make_optimizer, opt_state_like
 from paxlite.partitioning import axis_rules, constrain, resolve, split_ways
 from paxlite.step_state import StepLayout
-
-
-def opt_state_like(abstract_opt: Any, param_shapes: Any, params_like: Any, other: Any) -> Any:
-  """A tree shaped like the optimizer state: every subtree shaped like the parameters (Adam's
-  moments) becomes `params_like`, every other leaf (counts) `other`. With shardings, the
-  moments are sharded exactly like their parameters (ZeRO: split over fsdp)."""
-  param_treedef = jax.tree.structure(param_shapes)
-  is_params = lambda node: jax.tree.structure(node) == param_treedef
-  return jax.tree.map(lambda node: params_like if is_params(node) else other, abstract_opt, is_leaf=is_params)
-
-
-def lr_schedule(cfg: Config) -> Callable[[jax.Array], jax.Array]:
-  """Linear warm-up to train.lr, then cosine decay to lr * min_lr_ratio at train.steps."""
-  t = cfg.train
-  peak, floor = t.lr, t.lr * t.min_lr_ratio
-  warmup, total = t.warmup_steps, t.steps
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = peak * (step + 1.0) / max(warmup, 1)
-    progress = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
-    decayed = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    return jnp.where(step < warmup, warm, decayed)
-
-  return schedule
-
-
-def global_norm(grads: Any, per_layer: Any) -> jax.Array:
-  """The L2 norm of all of `grads`, as optax.tree.norm, except that a leaf whose `per_layer`
-  entry is True (a leading axis of layers, the whole leaf on every device) is summed layer by
-  layer. With unrolled layers such a gradient is the concatenation of the layers' own: XLA
-  reduces a concatenation element by element through a choice among its 24 operands, at
-  half the memory bandwidth (0.5 ms per MLP kernel on an H100 where its bytes take 0.27;
-  benchmarks/RESULTS.md, round 30), while a slice of one is that layer's gradient itself.
-
-  `per_layer` may be a prefix of `grads`: a leaf held as a list of its layers (the train
-  step's layered state, paxlite.step_state) is summed layer by layer, in the same order."""
-
-  def squares(by_layer, g):
-    if isinstance(g, list):
-      return sum(jnp.sum(jnp.square(layer)) for layer in g)
-    if by_layer and g.shape[0] > 1:
-      return sum(jnp.sum(jnp.square(layer)) for layer in jax.lax.split(g, (1,) * g.shape[0]))
-    return jnp.sum(jnp.square(g))
-
-  return jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(squares, per_layer, grads))))
-
-
-def clip_by_global_norm(max_norm: float, per_layer: Any) -> optax.GradientTransformation:
-  """optax.clip_by_global_norm with the norm of `global_norm`: the same arithmetic."""
-
-  def update(updates, state, params=None):
-    del params
-    norm = global_norm(updates, per_layer)
-    keep = norm < max_norm
-    return jax.tree.map(lambda g: jax.lax.select(keep, g, (g / norm.astype(g.dtype)) * max_norm), updates), state
-
-  return optax.GradientTransformation(optax.init_empty_state, update)
-
-
-def make_optimizer(cfg: Config, logical_names: dict, per_layer: Any = None) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; no weight decay on vectors (norm scales) and, unless
-  train.decay_embeddings, on the token embedding table. `per_layer`: see `global_norm`
-  (default: no leaf summed by layer). `logical_names` and `per_layer` name the parameters'
-  stacked leaves; the optimizer takes the parameters stacked or layered (paxlite.step_state)."""
-  t = cfg.train
-  if per_layer is None:
-    per_layer = jax.tree.map(lambda _: False, logical_names, is_leaf=lambda x: isinstance(x, tuple))
-
-  def decays(names):
-    names = names[1:] if names[:1] == ("layers",) else names  # a stacked block's norm scale is a vector
-    if len(names) < 2:
-      return False
-    is_embedding = tuple(names[-2:]) == ("vocab", "embed")
-    return t.decay_embeddings or not is_embedding
-
-  mask = jax.tree.map(decays, logical_names, is_leaf=lambda x: isinstance(x, tuple))
-  parts = [clip_by_global_norm(t.grad_clip, per_layer)] if t.grad_clip > 0 else []
-  parts.append(optax.adamw(lr_schedule(cfg), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=mask))
-  return optax.chain(*parts)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def log_z_and_target_logit(logits_btv: jax.Array, targets_bt: jax.Array, kernel: str = "xla") -> tuple[jax.Array, jax.Array]:
-  """Per token, in float32: the log-partition logsumexp(logits) and the target token's logit.
-
-  `kernel` "pallas": both from one Pallas kernel that reads the logits once
-  (paxlite.loss_kernels), where it takes their layout; otherwise XLA's fusions (a max, then a
-  sum over the logits, and a gather).
-
-  The gradient is written by hand so that it is one elementwise pass over the logits,
-  softmax * g_log_z + onehot(target) * g_target, in the logits' dtype. Autodiff of
-  take_along_axis scatters into a float32 [batch, length, vocab] zero array instead, and XLA
-  then writes float32 logit gradients three times before casting them for the head's GEMMs
-  (~20 GB of traffic per step on the 1.7B model's 16k x 50k logits; benchmarks/RESULTS.md).
-  """
-  return _log_z_and_target_logit_fwd(logits_btv, targets_bt, kernel)[0]
-
-
-def _log_z_and_target_logit_fwd(logits_btv, targets_bt, kernel):
-  axes = loss_kernels.row_axes(kernel, LOGITS, logits_btv.shape)
-  if axes is not None:
-    log_z_bt, target_logit_bt = loss_kernels.log_z_and_target_logit(logits_btv, targets_bt, axes)
-  else:
-    logits32 = logits_btv.astype(jnp.float32)
-    log_z_bt = jax.nn.logsumexp(logits32, axis=-1)
-    target_logit_bt = jnp.take_along_axis(logits32, targets_bt[..., None], axis=-1)[..., 0]
-  return (log_z_bt, target_logit_bt), (logits_btv, targets_bt, log_z_bt)
-
-
-def _log_z_and_target_logit_bwd(kernel, residuals, cotangents):
-  logits_btv, targets_bt, log_z_bt = residuals
-  g_log_z_bt, g_target_bt = cotangents
-  vocab = jax.lax.broadcasted_iota(jnp.int32, logits_btv.shape, logits_btv.ndim - 1)
-  softmax = jnp.exp(logits_btv.astype(jnp.float32) - log_z_bt[..., None])
-  d_logits = softmax * g_log_z_bt[..., None] + jnp.where(vocab == targets_bt[..., None], g_target_bt[..., None], 0.0)
-  return d_logits.astype(logits_btv.dtype), None
-
-
-log_z_and_target_logit.defvjp(_log_z_and_target_logit_fwd, _log_z_and_target_logit_bwd)
-
-
-def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, z_loss: float,
-                  kernel: str = "xla") -> tuple[jax.Array, jax.Array]:
-  """Mean token cross-entropy in float32, and the total loss including z-loss. `kernel`: the
-  logits' pass, "pallas" or "xla" (see log_z_and_target_logit)."""
-  log_z_bt, target_logit_bt = log_z_and_target_logit(logits_btv, targets_bt, kernel)
-  nll = jnp.mean(log_z_bt - target_logit_bt)
-  total = nll + z_loss * jnp.mean(jnp.square(log_z_bt)) if z_loss else nll
-  return nll, total
 
 
 class Trainer:

@@ -12,7 +12,8 @@ import pytest
 from paxlite import loss_kernels
 from paxlite.config import ConfigError, load_config
 from paxlite.mesh import make_mesh
-from paxlite.trainer import Trainer, cross_entropy
+from paxlite.loss import cross_entropy
+from paxlite.trainer import Trainer
 
 
 @pytest.fixture

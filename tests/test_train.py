@@ -124,7 +124,7 @@ def test_tied_embeddings_and_z_loss_train():
 
 
 def test_lr_schedule_warmup_then_cosine():
-  from paxlite.trainer import lr_schedule
+  from paxlite.optimizer import lr_schedule
 
   cfg = load_config(None, {"train.lr": 1.0, "train.warmup_steps": 10, "train.steps": 110, "train.min_lr_ratio": 0.1})
   sched = lr_schedule(cfg)
@@ -135,7 +135,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_weight_decay_skips_norms_and_embedding():
-  from paxlite.trainer import make_optimizer
+  from paxlite.optimizer import make_optimizer
 
   trainer = make_trainer({"mesh.data": 8})
   names = trainer.logical_names
@@ -155,7 +155,7 @@ def test_weight_decay_skips_norms_and_embedding():
 def test_global_norm_summed_by_layer_is_optaxs():
   import optax
 
-  from paxlite.trainer import clip_by_global_norm, global_norm
+  from paxlite.optimizer import clip_by_global_norm, global_norm
 
   k1, k2 = jax.random.split(jax.random.key(0))
   grads = {"stacked": jax.random.normal(k1, (3, 4, 5)), "flat": jax.random.normal(k2, (7,))}
@@ -174,7 +174,7 @@ def test_cross_entropy_gradient_is_autodiffs_in_one_pass(z_loss):
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from paxlite.trainer import cross_entropy
+  from paxlite.loss import cross_entropy
 
   def plain(logits, targets):
     log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
