@@ -266,6 +266,7 @@ def _plan(args: argparse.Namespace) -> int:
     raise ConfigError(f"--devices and --top: expected positive numbers, got {args.devices} and {args.top}")
   if "jax" not in sys.modules:  # compile on N simulated CPU devices: set up before jax is imported
     xla_flags.simulate_cpu_devices(args.devices)  # on a GPU machine too: plans never touch the GPUs
+    xla_flags.apply_defaults(flags=xla_flags.COMPILE_ONLY)  # plans compile steps, never run them
   from paxlite import costmodel, plan
 
   hw = costmodel.default_hardware(args.platform, args.devices)

@@ -26,11 +26,19 @@ DEFAULTS = {
 }
 
 
-def apply_defaults(environ: MutableMapping[str, str] = os.environ) -> list[str]:
-  """Appends each default flag that XLA_FLAGS does not already name; returns those added."""
+# For `paxlite plan`, which compiles train steps on simulated CPU devices to read their memory
+# and collectives, and never runs them: LLVM's optimisation of the CPU code is then wasted
+# work, about half of each compile. What a plan reads comes from XLA's HLO passes and buffer
+# assignment, before the backend's LLVM passes: the 1.7B config's 64-device plan (fsdp=8
+# tensor=8) printed the same figures and compiled in 3.1 s instead of 5.3 s on 2 CPU cores.
+COMPILE_ONLY = {"--xla_backend_optimization_level": "0"}
+
+
+def apply_defaults(environ: MutableMapping[str, str] = os.environ, flags: dict[str, str] = DEFAULTS) -> list[str]:
+  """Appends each of `flags` that XLA_FLAGS does not already name; returns those added."""
   current = environ.get("XLA_FLAGS", "").split()
   named = {flag.split("=", 1)[0] for flag in current}
-  added = [f"{name}={value}" for name, value in DEFAULTS.items() if name not in named]
+  added = [f"{name}={value}" for name, value in flags.items() if name not in named]
   if added:
     environ["XLA_FLAGS"] = " ".join(current + added)
   return added

@@ -136,6 +136,9 @@ def test_default_xla_flags_are_added_but_never_override_the_user():
   empty: dict = {}
   xla_flags.apply_defaults(empty)
   assert empty["XLA_FLAGS"].split() == defaults
+  assert xla_flags.apply_defaults(env, flags=xla_flags.COMPILE_ONLY) == ["--xla_backend_optimization_level=0"]
+  mine = {"XLA_FLAGS": "--xla_backend_optimization_level=2"}
+  assert xla_flags.apply_defaults(mine, flags=xla_flags.COMPILE_ONLY) == []  # a plan at the user's level
 
 
 def test_simulated_cpu_devices_replace_any_device_count():

@@ -173,6 +173,17 @@ def test_plan_for_more_devices_than_present_runs_in_a_subprocess(tmp_path):
   assert {c.axes for c in plan.collectives} >= {("fsdp",)}
 
 
+def test_the_commands_unoptimised_cpu_code_changes_nothing_a_plan_reports(tmp_path):
+  """`paxlite plan` compiles without LLVM's optimisation of the CPU code, since it never runs
+  the step (xla_flags.COMPILE_ONLY): its plan equals this process's fully optimised one."""
+  from paxlite.plan import _run_in_subprocess
+
+  cfg = small(tmp_path)
+  [here] = make_plan(cfg, 8, platform="cpu")
+  [there] = _run_in_subprocess(cfg, 8, here.hardware, search_layouts=False, top=1)
+  assert dataclasses.replace(there, compile_s=here.compile_s) == here
+
+
 def test_gpu_target_compiles_blockwise_attention_and_halves_16bit_temporaries(tmp_path):
   cfg = small(tmp_path, **{"precision.compute": "bfloat16"})
   [gpu] = make_plan(cfg, 8, platform="gpu")
