@@ -3,7 +3,7 @@ shape of its state.
 
 The gradient norm is summed layer by layer where the layers are unrolled (`global_norm`), and
 the optimizer takes the parameters either stacked or layered (paxlite.step_state), so one
-optax transformation serves the train step, checkpoints and the planner.
+optax transformation serves the train step, checkpoints and the sharding table.
 """
 
 from __future__ import annotations
