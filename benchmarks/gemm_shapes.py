@@ -16,7 +16,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # (M, K, N, what): tokens 16384 = batch 8 x seq 2048, d_model 2048, d_ff 8192.
 SHAPES = [
