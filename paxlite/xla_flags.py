@@ -28,7 +28,7 @@ DEFAULTS = {
 
 # For `paxlite plan`, which compiles train steps on simulated CPU devices to read their memory
 # and collectives, and never runs them: LLVM's optimisation of the CPU code is then wasted
-# work, about half of each compile. What a plan reads comes from XLA's HLO passes and buffer
+# work, about 40% of each compile. What a plan reads comes from XLA's HLO passes and buffer
 # assignment, before the backend's LLVM passes: the 1.7B config's 64-device plan (fsdp=8
 # tensor=8) printed the same figures and compiled in 3.1 s instead of 5.3 s on 2 CPU cores.
 COMPILE_ONLY = {"--xla_backend_optimization_level": "0"}
