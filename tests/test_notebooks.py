@@ -58,6 +58,8 @@ def test_notebook_runs_top_to_bottom(path, repo_root, data_cache, tmp_path, monk
                  for o in outputs)
   images = [o for o in outputs if "image/png" in o.get("data", {})]
   if os.path.basename(path) == "quickstart.ipynb":
+    # The notebook's own assert is the suite's check that configs/tiny.yaml learns from the
+    # stdlib corpus (first loss over 5 nats, after 100 steps under 3, validation under 3.2).
     assert "mesh data=2 fsdp=4 stage=1 tensor=1 (8 devices)" in text  # the sharding table
     assert "step 100: loss" in text and "validation loss: fsdp layout" in text
     assert "CPU 0,4" in text  # the drawn layout: embed split over fsdp, devices 0 and 4 share a quarter
