@@ -291,7 +291,7 @@ TINY_SEQ = 32  # a quarter of configs/tiny.yaml's sequence (and tokens per step)
 
 @pytest.fixture(scope="module")
 def tiny_runs(repo_root, data_cache, tmp_path_factory):
-  """The mean training loss of the last 30 of 300 steps (the same batches in every run) per
+  """The mean training loss of the last 30 of 200 steps (the same batches in every run) per
   precision, on configs/tiny.yaml with a quarter of its tokens per step.
 
   The learning rate follows the square-root scaling rule for Adam (Malladi et al., 2022):
@@ -301,23 +301,26 @@ def tiny_runs(repo_root, data_cache, tmp_path_factory):
   +1.8%) around a mean within 1%, and one fp8-delayed run ended 2.4% below float32 by chance.
   At the scaled rate float32 ends lower (1.95 nats against 2.09), the same perturbations move
   it by 0.2% (std), and every precision stayed within -0.5% and +0.8% of float32 over 7 rates.
+  Those figures are for 300 steps; the test runs 200, for time: there float32 ends at 2.15
+  (std 0.27% over the 7 rates) and every gap stayed within -0.43% and +0.73%
+  (`benchmarks/precision_spread.py`, session 10).
   """
   path = os.path.join(repo_root, "configs", "tiny.yaml")
   tiny = load_config(path)
-  common = {"train.steps": 300, "model.seq_len": TINY_SEQ, "train.lr": tiny.train.lr * (TINY_SEQ / tiny.model.seq_len) ** 0.5,
+  common = {"train.steps": 200, "model.seq_len": TINY_SEQ, "train.lr": tiny.train.lr * (TINY_SEQ / tiny.model.seq_len) ** 0.5,
             "mesh.data": 1, "train.log_every": 1, "eval.every": 0, "checkpoint.every": 0, "run.tensorboard": False}
   out = {}
   for name, overrides in {"float32": {}, **PRECISIONS}.items():
     cfg = load_config(path, {**common, **overrides, "run.dir": str(tmp_path_factory.mktemp(name))})
     history = Trainer(cfg, mesh=make_mesh(cfg.mesh, jax.devices()[:1])).train()
     losses = np.array([r["loss"] for r in history])
-    assert len(losses) == 300 and np.isfinite(losses).all(), name
+    assert len(losses) == 200 and np.isfinite(losses).all(), name
     out[name] = float(losses[-30:].mean())
   return out
 
 
 @pytest.mark.parametrize("name", list(PRECISIONS))
 def test_low_precision_ends_within_2_percent_of_float32(tiny_runs, name):
-  assert tiny_runs["float32"] < 2.1  # it learned: from 5.6 nats
+  assert tiny_runs["float32"] < 2.2  # it learned: from 5.6 nats
   assert abs(tiny_runs[name] / tiny_runs["float32"] - 1) <= 0.02, tiny_runs
 
