@@ -2,14 +2,15 @@
 
 import os
 
+from paxlite import xla_flags  # (imports no jax: `import paxlite` is lazy)
+
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 # LLVM at level 1, not XLA's default 3: most tests compile more than they run. Measured on 2
 # cores, a compile takes ~25% less and a step ~9% more (configs/tiny.yaml at fp8), and the
 # suite in pytest-xdist's two workers ran 687 s, against 1,101 s at level 3 in one. Level 0 was
 # slower (775 s: a step there takes 3.4x as long) and changed float32 results in the last
 # bits, past the kernels tests' tolerance. The notebooks' kernels run at XLA's default.
-if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=1"
+xla_flags.apply_defaults(flags={"--xla_backend_optimization_level": "1"})  # a level in XLA_FLAGS wins
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache per session, shared with the CLI subprocesses tests start:
 # every Trainer of the same shapes compiles once, not once per test (seconds each on 2 cores).
