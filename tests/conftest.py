@@ -1,16 +1,37 @@
 """Test set-up: 8 simulated CPU devices (set before jax is imported), small shared configs."""
 
 import os
+import subprocess
+import sys
 
 from paxlite import xla_flags  # (imports no jax: `import paxlite` is lazy)
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-# LLVM at level 1, not XLA's default 3: most tests compile more than they run. Measured on 2
-# cores, a compile takes ~25% less and a step ~9% more (configs/tiny.yaml at fp8), and the
-# suite in pytest-xdist's two workers ran 687 s, against 1,101 s at level 3 in one. Level 0 was
-# slower (775 s: a step there takes 3.4x as long) and changed float32 results in the last
-# bits, past the kernels tests' tolerance. The notebooks' kernels run at XLA's default.
-xla_flags.apply_defaults(flags={"--xla_backend_optimization_level": "1"})  # a level in XLA_FLAGS wins
+# Most tests compile more than they run, so the CPU backend is set to compile fast:
+# - LLVM at level 1, not XLA's default 3. Measured on 2 cores, a compile takes ~25% less and a
+#   step ~9% more (configs/tiny.yaml at fp8), and the suite in pytest-xdist's two workers ran
+#   687 s, against 1,101 s at level 3 in one. Level 0 was slower (775 s: a step there takes 3.4x
+#   as long) and changed float32 results in the last bits, past the kernels tests' tolerance.
+# - XLA:CPU's older loop-fusion emitters instead of its MLIR fusion emitters (jaxlib 0.10's
+#   default): the first step of three test configs (plain, pipelined, fp8 on 8 devices) fell
+#   from 24.1 s to 16.9 s in all, and their steps from 570 to 442 ms (session 11).
+# A flag already in XLA_FLAGS wins. The notebooks' kernels get these too (tests/test_notebooks).
+COMPILE_FAST = {"--xla_backend_optimization_level": "1", "--xla_cpu_use_fusion_emitters": "false"}
+
+
+def _xla_accepts(flags: str) -> bool:
+  """Whether this jaxlib starts with `flags`: XLA aborts a process whose XLA_FLAGS name a flag
+  it does not know, and a later jaxlib may drop the emitters switch. Asked once, in the process
+  that starts the workers (they inherit its XLA_FLAGS, which then name the flags)."""
+  env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+  probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True)
+  return probe.returncode == 0
+
+
+_named = {flag.split("=", 1)[0] for flag in os.environ.get("XLA_FLAGS", "").split()}
+if "--xla_cpu_use_fusion_emitters" not in _named and not _xla_accepts("--xla_cpu_use_fusion_emitters=false"):
+  COMPILE_FAST.pop("--xla_cpu_use_fusion_emitters")
+xla_flags.apply_defaults(flags=COMPILE_FAST)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache per session, shared with the CLI subprocesses tests start:
 # every Trainer of the same shapes compiles once, not once per test (seconds each on 2 cores).

@@ -42,11 +42,13 @@ def test_notebook_runs_top_to_bottom(path, repo_root, data_cache, tmp_path, monk
                      kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")]))
   # The kernel inherits the environment: paxlite from this checkout and the session's corpus
   # cache. matplotlib gets ipykernel's inline backend (headless: figures become PNG outputs).
-  # XLA_FLAGS is left for the notebook itself to set.
+  # Of XLA_FLAGS, the kernel gets the suite's compile-speed flags (tests/conftest.py) and not
+  # its device count: each notebook sets its own, as a user's kernel does.
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])))
   monkeypatch.setenv("PAXLITE_CACHE", data_cache)
   monkeypatch.delenv("MPLBACKEND", raising=False)
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                          if not f.startswith("--xla_force_host_platform_device_count")))
   monkeypatch.delenv("PAXLITE_ROOT", raising=False)
 
   nb = nbformat.read(path, as_version=4)
