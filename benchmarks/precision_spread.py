@@ -1,6 +1,6 @@
 """How far each precision ends from float32 on configs/tiny.yaml, against how far float32 ends
 from itself when the learning rate moves by a hair: the noise floor under the 2% tolerance of
-tests/test_precision.py's convergence test.
+the convergence test in notebooks/numerics.ipynb (which the test suite runs).
 
 Every precision trains once per learning-rate multiplier (default 0.997 ... 1.003 of the base
 rate) on the same batches; the table gives, per precision, its gap to the float32 run of the
@@ -11,8 +11,6 @@ same rate (mean, std, range over the rates). CPU, about 7 minutes on 2 cores wit
 """
 
 import argparse
-import contextlib
-import io
 import os
 import tempfile
 
@@ -34,10 +32,9 @@ PRECISIONS = {
 
 def tail_loss(path: str, overrides: dict, tail: int) -> float:
   """Mean training loss of the last `tail` steps of one single-device run."""
-  cfg = load_config(path, {**overrides, "mesh.data": 1, "train.log_every": 1, "eval.every": 0,
-                           "checkpoint.every": 0, "run.tensorboard": False, "run.dir": tempfile.mkdtemp()})
-  with contextlib.redirect_stderr(io.StringIO()):  # the per-step progress lines
-    history = Trainer(cfg, mesh=make_mesh(cfg.mesh, jax.devices()[:1])).train()
+  cfg = load_config(path, {**overrides, "mesh.data": 1, "train.log_every": 1, "eval.every": 0, "checkpoint.every": 0,
+                           "run.tensorboard": False, "run.progress": "none", "run.dir": tempfile.mkdtemp()})
+  history = Trainer(cfg, mesh=make_mesh(cfg.mesh, jax.devices()[:1])).train()
   losses = np.array([r["loss"] for r in history])
   return float(losses[-tail:].mean()) if np.isfinite(losses).all() else float("nan")
 

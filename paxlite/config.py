@@ -293,7 +293,9 @@ class RunConfig:
   tensorboard: bool = True
   """Write TensorBoard event files."""
   progress: str = "auto"
-  """Progress display: auto (a bar on a terminal or in a notebook, plain lines otherwise) | bar | lines."""
+  """Progress display: auto (a bar on a terminal or in a notebook, plain lines otherwise) | bar | lines |
+  none (no bar and no per-step lines, e.g. for sweeps from Python; one-off messages such as the
+  compile banner, rollbacks and signals still print, and metrics still go to the run directory)."""
   compile_cache: str = "auto"
   """Persistent cache of compiled steps, so a restarted or repeated run of the same shapes
   loads its step instead of compiling it (an fp8 step compiles for minutes): auto (a directory
@@ -673,7 +675,7 @@ def validate(cfg: Config) -> None:
   if not cfg.run.dir:
     raise ConfigError("run.dir: expected a directory path, got an empty string")
   _positive("run.peak_flops", cfg.run.peak_flops)
-  _choice("run.progress", cfg.run.progress, ("auto", "bar", "lines"))
+  _choice("run.progress", cfg.run.progress, ("auto", "bar", "lines", "none"))
 
 
 # ---------------------------------------------------------------------------------------

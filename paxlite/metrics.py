@@ -145,10 +145,12 @@ def _in_notebook() -> bool:
 
 class Progress:
   """A tqdm bar on a terminal or in a notebook, plain lines otherwise (logs of batch jobs stay
-  readable). In a notebook with ipywidgets the bar is tqdm's widget, else its text bar."""
+  readable). In a notebook with ipywidgets the bar is tqdm's widget, else its text bar. Mode
+  "none" shows neither bar nor metric lines, only messages."""
 
   def __init__(self, total: int, initial: int = 0, mode: str = "auto", enabled: bool = True):
     self.enabled = enabled
+    self.mode = mode
     use_bar = mode == "bar" or (mode == "auto" and (sys.stderr.isatty() or _in_notebook()))
     self._bar = None
     if enabled and use_bar:
@@ -164,7 +166,7 @@ class Progress:
       self._bar.update(n)
 
   def log(self, step: int, values: Mapping[str, Any]) -> None:
-    if not self.enabled:
+    if not self.enabled or self.mode == "none":
       return
     line = format_metrics(step, values)
     if self._bar is not None:

@@ -74,13 +74,17 @@ def test_resume_on_a_different_mesh(full_run, tmp_path):
   np.testing.assert_allclose([r["loss"] for r in second], [r["loss"] for r in reference[3:]], rtol=1e-5)
 
 
-def test_cli_train_writes_run(tmp_path, data_cache, capsys):
+@pytest.mark.parametrize("progress", ["lines", "none"])
+def test_cli_train_writes_run(tmp_path, data_cache, capsys, progress):
   code = cli.main(["train", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
                    "train.steps=2", "train.log_every=1", "eval.every=0", f"run.dir={tmp_path}",
-                   "model.num_layers=1", "model.seq_len=32"])
+                   "model.num_layers=1", "model.seq_len=32", f"run.progress={progress}"])
   assert code == 0
   assert len(read_metrics(tmp_path)) == 2
-  assert "paxlite: done, step 2" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "paxlite: mesh data=8" in err and "paxlite: done, step 2" in err
+  # "none": the metrics reach metrics.jsonl, not the screen.
+  assert ("step 2 | loss" in err) == (progress == "lines")
 
 
 def run_cli(*args, cwd):
