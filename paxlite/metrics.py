@@ -60,6 +60,25 @@ def flops_per_token(model_cfg: ModelConfig, non_embedding_params: int | None = N
   return 6.0 * n + 12.0 * model_cfg.num_layers * model_cfg.d_model * model_cfg.seq_len
 
 
+def _summary_writer_class() -> type:
+  """tensorboardX's SummaryWriter, imported without torch. tensorboardX.writer imports torch at
+  module level whenever it is installed, only to accept torch tensors, which paxlite never
+  passes: ~1.9 s of every `paxlite train` start on a CPU (`python -X importtime`). An import
+  that meets None in sys.modules raises ImportError, which tensorboardX handles; the entry is
+  removed again at once, so a later `import torch` works as usual."""
+  if "torch" in sys.modules or "tensorboardX.writer" in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules["torch"] = None  # type: ignore[assignment]
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if "torch" in sys.modules and sys.modules["torch"] is None:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricsWriter:
   """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
 
@@ -81,8 +100,7 @@ class MetricsWriter:
     truncate_records(self._path, step)
     self._file = open(self._path, "a", encoding="utf-8")
     if self._tb_dir is not None:
-      from tensorboardX import SummaryWriter
-
+      SummaryWriter = _summary_writer_class()
       # purge_step: TensorBoard discards this directory's earlier events at steps >= it.
       self._tb = SummaryWriter(logdir=self._tb_dir, purge_step=step + 1 if os.path.isdir(self._tb_dir) else None)
 

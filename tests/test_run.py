@@ -87,6 +87,39 @@ def test_cli_train_writes_run(tmp_path, data_cache, capsys, progress):
   assert ("step 2 | loss" in err) == (progress == "lines")
 
 
+def test_tensorboard_events_hold_the_scalars_and_torch_stays_out(tmp_path):
+  """tensorboardX imports torch when it is installed (~2 s per process); the writer keeps it
+  out, torch still imports afterwards, and the event file holds the logged scalars. In a fresh
+  interpreter: this one may have imported torch already."""
+  script = f"""
+import glob, importlib.util, json, struct, sys
+from paxlite.metrics import MetricsWriter
+writer = MetricsWriter({str(tmp_path)!r})
+writer.write(1, {{"loss": 2.5, "lr": 0.001}})
+writer.write(2, {{"loss": 2.25, "lr": 0.002}})
+writer.close()
+assert "torch" not in sys.modules
+if importlib.util.find_spec("torch") is not None:
+  import torch
+  assert float(torch.ones(3).sum()) == 3.0
+from tensorboardX.proto.event_pb2 import Event
+data = open(glob.glob({str(tmp_path / "tensorboard" / "events.out.tfevents.*")!r})[0], "rb").read()
+scalars, at = {{}}, 0
+while at < len(data):  # TFRecord: length (u64), its crc (u32), the record, its crc (u32)
+  (length,) = struct.unpack("<Q", data[at:at + 8])
+  event = Event.FromString(data[at + 12:at + 12 + length])
+  at += 16 + length
+  for value in event.summary.value:
+    scalars[f"{{value.tag}}@{{event.step}}"] = value.simple_value
+print(json.dumps(scalars))
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  scalars = json.loads(out.stdout)
+  assert scalars["loss@1"] == 2.5 and scalars["loss@2"] == 2.25
+  assert scalars["lr@2"] == pytest.approx(0.002)
+
+
 def run_cli(*args, cwd):
   env = dict(os.environ)
   return subprocess.run([sys.executable, "-m", "paxlite", *args], capture_output=True, text=True, cwd=cwd, env=env)
