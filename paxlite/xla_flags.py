@@ -10,7 +10,7 @@ Flags named xla_gpu_* only act on GPUs; other backends accept and ignore them.
 from __future__ import annotations
 
 import os
-from typing import MutableMapping
+from typing import Mapping, MutableMapping
 
 DEFAULTS = {
     # Gradient all-reduces are combined into buckets of up to 128 MiB rather than the size
@@ -34,19 +34,30 @@ DEFAULTS = {
 COMPILE_ONLY = {"--xla_backend_optimization_level": "0"}
 
 
+DEVICE_COUNT = "--xla_force_host_platform_device_count"
+
+
+def named(environ: Mapping[str, str] = os.environ) -> set[str]:
+  """The names of the flags XLA_FLAGS sets, without their values."""
+  return {flag.split("=", 1)[0] for flag in environ.get("XLA_FLAGS", "").split()}
+
+
+def without(name: str, environ: Mapping[str, str] = os.environ) -> str:
+  """XLA_FLAGS with every setting of the flag `name` left out."""
+  return " ".join(flag for flag in environ.get("XLA_FLAGS", "").split() if flag.split("=", 1)[0] != name)
+
+
 def apply_defaults(environ: MutableMapping[str, str] = os.environ, flags: dict[str, str] = DEFAULTS) -> list[str]:
   """Appends each of `flags` that XLA_FLAGS does not already name; returns those added."""
-  current = environ.get("XLA_FLAGS", "").split()
-  named = {flag.split("=", 1)[0] for flag in current}
-  added = [f"{name}={value}" for name, value in flags.items() if name not in named]
+  present = named(environ)
+  added = [f"{name}={value}" for name, value in flags.items() if name not in present]
   if added:
-    environ["XLA_FLAGS"] = " ".join(current + added)
+    environ["XLA_FLAGS"] = " ".join(environ.get("XLA_FLAGS", "").split() + added)
   return added
 
 
 def simulate_cpu_devices(count: int, environ: MutableMapping[str, str] = os.environ) -> None:
   """Makes jax (not yet initialised) run on `count` simulated CPU devices, on a GPU machine too:
   what `paxlite plan` and CPU smoke runs compile on. Replaces any device count already set."""
-  flags = [f for f in environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-  environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
+  environ["XLA_FLAGS"] = " ".join(without(DEVICE_COUNT, environ).split() + [f"{DEVICE_COUNT}={count}"])
   environ["JAX_PLATFORMS"] = "cpu"

@@ -28,8 +28,7 @@ def _xla_accepts(flags: str) -> bool:
   return probe.returncode == 0
 
 
-_named = {flag.split("=", 1)[0] for flag in os.environ.get("XLA_FLAGS", "").split()}
-if "--xla_cpu_use_fusion_emitters" not in _named and not _xla_accepts("--xla_cpu_use_fusion_emitters=false"):
+if "--xla_cpu_use_fusion_emitters" not in xla_flags.named() and not _xla_accepts("--xla_cpu_use_fusion_emitters=false"):
   COMPILE_FAST.pop("--xla_cpu_use_fusion_emitters")
 xla_flags.apply_defaults(flags=COMPILE_FAST)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -9,6 +9,8 @@ import sys
 import nbformat
 import pytest
 
+from paxlite import xla_flags
+
 NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "notebooks", "*.ipynb")))
 
 
@@ -47,8 +49,7 @@ def test_notebook_runs_top_to_bottom(path, repo_root, data_cache, tmp_path, monk
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])))
   monkeypatch.setenv("PAXLITE_CACHE", data_cache)
   monkeypatch.delenv("MPLBACKEND", raising=False)
-  monkeypatch.setenv("XLA_FLAGS", " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                                          if not f.startswith("--xla_force_host_platform_device_count")))
+  monkeypatch.setenv("XLA_FLAGS", xla_flags.without(xla_flags.DEVICE_COUNT))
   monkeypatch.delenv("PAXLITE_ROOT", raising=False)
 
   nb = nbformat.read(path, as_version=4)
