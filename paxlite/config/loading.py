@@ -67,6 +67,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
   elif tp is str:
     if isinstance(value, str):
       return value
+    if isinstance(value, bool):  # YAML 1.1 reads off, no, false (and on, yes, true) as booleans
+      raise ConfigError(
+          f"{key}: expected a string, got {_show(value)} (YAML reads on/off, yes/no and true/false as "
+          f"booleans; quote the word, or write none where the key takes it)")
   elif origin is list:
     if isinstance(value, list):
       return value
