@@ -60,3 +60,25 @@ def data_cache(tmp_path_factory) -> str:
   path = str(tmp_path_factory.mktemp("paxlite-cache"))
   os.environ["PAXLITE_CACHE"] = path
   return path
+
+
+def _assert_each_array_near(got, want, rtol: float) -> None:
+  """Each array of the tree `got` within `rtol` of its norm of the same array in `want`.
+
+  Whole arrays, not element by element: two layouts sum in different orders, and Adam's
+  division by sqrt(v) magnifies that in an element whose gradient cancels to near zero, while
+  a wrong shard, a lost step or a layer out of place moves an array by about its whole norm."""
+  import jax
+  import numpy as np
+
+  got, want = jax.device_get(got), jax.device_get(want)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
+    a, b = np.ravel(np.asarray(a, np.float64)), np.ravel(np.asarray(b, np.float64))
+    off = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+    assert off < rtol, f"{jax.tree_util.keystr(path)}: off by {off:.2e} of its norm (allowed {rtol:.0e})"
+
+
+@pytest.fixture(scope="session")
+def assert_each_array_near():
+  """`assert_each_array_near(got_tree, want_tree, rtol)`: see _assert_each_array_near."""
+  return _assert_each_array_near
