@@ -17,13 +17,19 @@ import optax
 from paxlite.config import Config
 
 
+def map_moments(f: Callable[[Any], Any], opt_state: Any, param_treedef: Any,
+                other: Callable[[Any], Any] = lambda leaf: leaf) -> Any:
+  """`opt_state` with `f` applied to every subtree structured like the parameters
+  (`param_treedef`: Adam's moments) and `other` to every other leaf (counts)."""
+  is_params = lambda node: jax.tree.structure(node) == param_treedef
+  return jax.tree.map(lambda node: f(node) if is_params(node) else other(node), opt_state, is_leaf=is_params)
+
+
 def opt_state_like(abstract_opt: Any, param_shapes: Any, params_like: Any, other: Any) -> Any:
   """A tree shaped like the optimizer state: every subtree shaped like the parameters (Adam's
   moments) becomes `params_like`, every other leaf (counts) `other`. With shardings, the
   moments are sharded exactly like their parameters (ZeRO: split over fsdp)."""
-  param_treedef = jax.tree.structure(param_shapes)
-  is_params = lambda node: jax.tree.structure(node) == param_treedef
-  return jax.tree.map(lambda node: params_like if is_params(node) else other, abstract_opt, is_leaf=is_params)
+  return map_moments(lambda _: params_like, abstract_opt, jax.tree.structure(param_shapes), lambda _: other)
 
 
 def lr_schedule(cfg: Config) -> Callable[[jax.Array], jax.Array]:

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from paxlite.optimizer import map_moments
 from paxlite.partitioning import split_ways
 
 COPY = "compute_copy"
@@ -109,9 +110,7 @@ class StepLayout:
   def _over_params(self, state: dict[str, Any], treedef: Any, f) -> dict[str, Any]:
     """`state` with f applied to its params and to every subtree of its optimizer state shaped
     like them (Adam's moments)."""
-    is_params = lambda node: jax.tree.structure(node) == treedef
-    opt_state = jax.tree.map(lambda node: f(node) if is_params(node) else node, state["opt_state"], is_leaf=is_params)
-    return {**state, "params": f(state["params"]), "opt_state": opt_state}
+    return {**state, "params": f(state["params"]), "opt_state": map_moments(f, state["opt_state"], treedef)}
 
   @functools.cached_property
   def layered_treedef(self) -> Any:
