@@ -84,6 +84,7 @@ BAD = [
     (["model.seq_len=512", "model.max_seq_len=256"], "model.seq_len: 512 exceeds model.max_seq_len=256"),
     (["data.val_fraction=1.5"], "data.val_fraction"),
     (["run.compile_cache=off"], "run.compile_cache: expected a string, got False (YAML reads on/off"),
+    (["run.compile_cache='off'"], "run.compile_cache: expected auto, none or a directory, got 'off'"),
 ]
 
 

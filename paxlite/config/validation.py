@@ -157,3 +157,6 @@ def validate(cfg: Config) -> None:
     raise ConfigError("run.dir: expected a directory path, got an empty string")
   _positive("run.peak_flops", cfg.run.peak_flops)
   _choice("run.progress", cfg.run.progress, ("auto", "bar", "lines", "none"))
+  if cfg.run.compile_cache.lower() in ("off", "false", "no", "disabled", ""):
+    raise ConfigError(f"run.compile_cache: expected auto, none or a directory, got {_show(cfg.run.compile_cache)} "
+                      f"(none sets no cache up; write ./{cfg.run.compile_cache or 'DIR'} for a directory of that name)")
