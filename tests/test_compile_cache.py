@@ -8,6 +8,7 @@ import sys
 import jax
 import pytest
 
+from paxlite import xla_flags
 from paxlite.compile_cache import default_directory, use_compile_cache
 from paxlite.config import ConfigError
 
@@ -17,7 +18,8 @@ TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_
 
 def bench(cache_dir, repo_root, tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.update(XLA_FLAGS=f"{xla_flags.without(xla_flags.DEVICE_COUNT)} {xla_flags.DEVICE_COUNT}=1",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   out = tmp_path / "bench.jsonl"
   result = subprocess.run([sys.executable, "-m", "paxlite", "bench", "configs/tiny.yaml", "--steps", "1",
                            "--out", str(out), *TINY, f"run.compile_cache={cache_dir}"],

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from paxlite import cli
+from paxlite import cli, xla_flags
 from paxlite.config import ConfigError, DistributedConfig, MeshConfig, load_config
 from paxlite.mesh import device_array, distributed_settings, initialize_distributed, mesh_sizes
 
@@ -46,8 +46,9 @@ def two_processes(repo_root, reference, tmp_path_factory):
   mesh: data spans the two processes (mesh.dcn_data=2), fsdp and tensor stay inside each."""
   run_dir = tmp_path_factory.mktemp("two")
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             PYTHONPATH=repo_root)
+  # The suite's compile-speed flags, with 4 devices a process.
+  flags = f"{xla_flags.without(xla_flags.DEVICE_COUNT)} {xla_flags.DEVICE_COUNT}=4"
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=repo_root)
   args = [sys.executable, "-m", "paxlite", "train", "configs/tiny.yaml", *TINY, "mesh.data=1", "mesh.dcn_data=2",
           f"run.dir={run_dir}", f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2",
           "distributed.timeout_s=60"]
