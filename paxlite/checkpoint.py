@@ -46,8 +46,8 @@ JSON_ITEMS = ("data", "loop")  # data loader position, the loop's fault counters
 # fsdp for a replicated leaf) write a slice of it, so that a large array's write is spread over
 # the processes. Slicing is a jax program per array shape, compiled at the first save; for a
 # slice under this size that costs more than it spreads, and replica 0 writes the array whole.
-# On 8 CPU devices, 60 arrays of 0.25-128 KiB: the first save 1.5-1.6 s -> 0.19 s, later
-# ones 0.29-0.46 s -> 0.16-0.19 s (benchmarks/RESULTS.md). A 1.7B model's kernels (8-32 MiB a
+# A tiny model's state on 8 CPU devices (benchmarks/checkpoint_saves.py): the first save
+# 2.6 s -> 0.17 s, later ones 0.19-0.33 s -> 0.12-0.15 s. A 1.7B model's kernels (8-32 MiB a
 # slice at data=2) are still written in slices.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
