@@ -46,9 +46,8 @@ def two_processes(repo_root, reference, tmp_path_factory):
   mesh: data spans the two processes (mesh.dcn_data=2), fsdp and tensor stay inside each."""
   run_dir = tmp_path_factory.mktemp("two")
   port = _free_port()
-  # The suite's compile-speed flags, with 4 devices a process.
-  flags = f"{xla_flags.without(xla_flags.DEVICE_COUNT)} {xla_flags.DEVICE_COUNT}=4"
-  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=repo_root)
+  env = dict(os.environ, PYTHONPATH=repo_root)
+  xla_flags.simulate_cpu_devices(4, env)  # the suite's compile-speed flags stay
   args = [sys.executable, "-m", "paxlite", "train", "configs/tiny.yaml", *TINY, "mesh.data=1", "mesh.dcn_data=2",
           f"run.dir={run_dir}", f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2",
           "distributed.timeout_s=60"]
